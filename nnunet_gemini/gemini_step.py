@@ -1,0 +1,96 @@
+"""One GEMINI step on a batch of inter-subject pairs: deformer -> fields -> gemini_loss.
+
+The caller runs the backbone ONCE (e.g. on cat(labelled, img_a, img_b)) with a
+DecoderFeatureTap and hands the sliced features here. The deformer input is NOT detached:
+appearance and smoothness also reach the backbone through the deformer input, the semantic
+feature branch reaches only the backbone (stop-gradient on the field), the semantic flow
+branch reaches the deformer (and the backbone only through the deformer input); the routing
+itself lives in losses.gemini_loss and is pinned by tests/test_gemini_step.py.
+
+Fields. "diffeomorphic": the deformer predicts a stationary velocity v; u = exp(v) by scaling
+and squaring. bidirectional=True runs the deformer both ways (v_BA = D([fB, fA])); False runs
+it once and takes u_BA = exp(-v_AB), the exact inverse of the same flow (a true homeomorphism
+pair, half the deformer cost). "displacement" (as released): u = D(...), both directions
+always. Smoothness acts on the raw field (velocity or displacement).
+
+Default deformer option, measured (benchmarks/bench_gemini_step.py and the learning-sanity
+figures in tests/test_gemini_step.py; see DEFAULT_* below for the choice and numbers).
+"""
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import nn
+
+from nnunet_gemini.errors import GeminiUserError
+from nnunet_gemini.losses import GeminiWeights, gemini_loss
+from nnunet_gemini.registration import folding_fraction, integrate_velocity
+
+DEFORMATIONS = ("diffeomorphic", "displacement")
+DEFAULT_DEFORMER_RESOLUTION = "full"
+DEFAULT_BIDIRECTIONAL = True
+
+
+class GeminiStep(nn.Module):
+    """GEMINI loss for pairs (img_a[i], img_b[i]); owns no parameters besides the deformer."""
+
+    def __init__(self, deformer: nn.Module, deformation: str = "diffeomorphic", integration_steps: int = 7,
+                 bidirectional: bool = DEFAULT_BIDIRECTIONAL, weights: Optional[GeminiWeights] = None,
+                 ncc_window: int = 9, smoothness_kind: str = "gradient"):
+        super().__init__()
+        if deformation not in DEFORMATIONS:
+            raise GeminiUserError(f"deformation {deformation!r} is not one of {DEFORMATIONS}; pick one of them")
+        if deformation == "displacement" and not bidirectional:
+            raise GeminiUserError("deformation 'displacement' has no closed-form inverse, so it needs "
+                                  "bidirectional=True; use deformation 'diffeomorphic' for one direction")
+        self.deformer = deformer
+        self.deformation = deformation
+        self.integration_steps = int(integration_steps)
+        self.bidirectional = bool(bidirectional)
+        self.weights = weights if weights is not None else GeminiWeights()
+        self.ncc_window = int(ncc_window)
+        self.smoothness_kind = smoothness_kind
+
+    def fields(self, feat_a: torch.Tensor, feat_b: torch.Tensor):
+        """-> (disp_ab, disp_ba, raw_ab, raw_ba): displacements (voxel units) and the raw
+        fields the smoothness term acts on."""
+        raw_ab = self.deformer(feat_a, feat_b).float()
+        if self.deformation == "displacement":
+            raw_ba = self.deformer(feat_b, feat_a).float()
+            return raw_ab, raw_ba, raw_ab, raw_ba
+        raw_ba = self.deformer(feat_b, feat_a).float() if self.bidirectional else -raw_ab
+        return (integrate_velocity(raw_ab, self.integration_steps),
+                integrate_velocity(raw_ba, self.integration_steps), raw_ab, raw_ba)
+
+    def forward(self, img_a: torch.Tensor, img_b: torch.Tensor, feat_a: torch.Tensor, feat_b: torch.Tensor):
+        disp_ab, disp_ba, raw_ab, raw_ba = self.fields(feat_a, feat_b)
+        loss, terms = gemini_loss(img_a, img_b, feat_a, feat_b, disp_ab, disp_ba, reg_ab=raw_ab, reg_ba=raw_ba,
+                                  weights=self.weights, ncc_window=self.ncc_window,
+                                  smoothness_kind=self.smoothness_kind)
+        logs = {k: float(v) for k, v in terms.items() if isinstance(v, (float, int)) or
+                (torch.is_tensor(v) and v.numel() == 1)}
+        with torch.no_grad():
+            logs["folding_fraction"] = float(folding_fraction(disp_ab.detach()))
+        logs["loss"] = float(loss.detach())
+        return loss, logs
+
+
+GEMINI_STEP_OPTIONS = ("deformation", "integration_steps", "bidirectional", "ncc_window", "smoothness_kind",
+                       "weights")
+
+
+def from_options(deformer: nn.Module, options: Optional[dict] = None) -> GeminiStep:
+    """GeminiStep from a plain dict (CLI flags, trainer attributes, checkpoint metadata).
+    ``weights`` may be a dict of GeminiWeights fields."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(GEMINI_STEP_OPTIONS))
+    if unknown:
+        raise GeminiUserError(f"unknown GEMINI option(s) {unknown}; known: {list(GEMINI_STEP_OPTIONS)}")
+    weights = options.pop("weights", None)
+    if isinstance(weights, dict):
+        fields = {f.name for f in dataclasses.fields(GeminiWeights)}
+        bad = sorted(set(weights) - fields)
+        if bad:
+            raise GeminiUserError(f"unknown GEMINI weight(s) {bad}; known: {sorted(fields)}")
+        weights = GeminiWeights(**{k: float(v) for k, v in weights.items()})
+    return GeminiStep(deformer, weights=weights, **options)

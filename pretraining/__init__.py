@@ -1,0 +1,1 @@
+"""gemini_pretrain (installed as nnunet_gemini.pretraining)."""
