@@ -71,7 +71,6 @@ class GeminiStep(nn.Module):
                 (torch.is_tensor(v) and v.numel() == 1)}
         with torch.no_grad():
             logs["folding_fraction"] = float(folding_fraction(disp_ab.detach()))
-        logs["loss"] = float(loss.detach())
         return loss, logs
 
 
