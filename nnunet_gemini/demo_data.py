@@ -57,21 +57,14 @@ def _smooth_random_field(rng, shape, spacing, control_mm, channels):
     return field / std
 
 
-def _sample_linear(fields, at):
-    """Trilinear samples of fields (C, *shape) at voxel positions at (3, *shape), edges clamped."""
-    shape = np.asarray(fields.shape[1:]).reshape(3, 1, 1, 1)
-    at = np.clip(at, 0, shape - 1)
-    low = np.minimum(np.floor(at).astype(np.int64), shape - 2)
-    frac = at - low
-    flat = fields.reshape(fields.shape[0], -1)
-    strides = (fields.shape[2] * fields.shape[3], fields.shape[3], 1)
-    base = sum(low[i] * strides[i] for i in range(3))
-    out = np.zeros(fields.shape, dtype=fields.dtype)
-    for corner in np.ndindex(2, 2, 2):
-        weight = np.prod([frac[i] if c else 1 - frac[i] for i, c in enumerate(corner)], axis=0)
-        offset = sum(c * strides[i] for i, c in enumerate(corner))
-        out += weight * flat[:, base + offset]
-    return out
+def _linear_resize_matrix(size_out, size_in):
+    """(size_out, size_in) linear interpolation weights; both grids span the same extent."""
+    position = np.linspace(0, size_in - 1, size_out)
+    low = np.minimum(np.floor(position).astype(np.int64), max(size_in - 2, 0))
+    weights = np.zeros((size_out, size_in))
+    weights[np.arange(size_out), low] = 1 - (position - low)
+    weights[np.arange(size_out), np.minimum(low + 1, size_in - 1)] += position - low
+    return weights
 
 
 def _integrate_velocity(velocity_mm, spacing, steps):
@@ -80,19 +73,28 @@ def _integrate_velocity(velocity_mm, spacing, steps):
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in velocity_mm.shape[1:]], indexing="ij"))
     disp = velocity_mm / 2 ** steps
     for _ in range(steps):
-        disp = disp + _sample_linear(disp, grid + disp / spacing)
+        at = grid + disp / spacing  # sample positions in voxels
+        disp = disp + np.stack([ndimage.map_coordinates(d, at, order=1, mode="nearest") for d in disp])
     return disp
 
 
 def subject_to_template_mm(rng, shape, spacing):
-    """Template coordinates (mm, origin at the volume centre) of every subject voxel: (3, *shape)."""
-    spacing_arr = np.asarray(spacing, dtype=np.float64).reshape(3, 1, 1, 1)
-    centre = (np.asarray(shape).reshape(3, 1, 1, 1) - 1) / 2
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
-    points = (grid - centre) * spacing_arr
-    velocity = VELOCITY_STD_MM * _smooth_random_field(rng, shape, spacing, CONTROL_MM, 3)
-    points = points + _integrate_velocity(velocity, spacing, SQUARING_STEPS)
-    scale = rng.uniform(0.92, 1.08, size=3).reshape(3, 1, 1, 1)  # global size variation
+    """Template coordinates (mm, origin at the volume centre) of every subject voxel: (3, *shape).
+
+    The deformation is integrated on a grid of half the resolution (it is smooth on a scale of
+    CONTROL_MM) and resized linearly, which keeps generation fast.
+    """
+    shape, spacing = np.asarray(shape), np.asarray(spacing, dtype=np.float64)
+    coarse_shape = np.maximum((shape + 1) // 2, 2)
+    coarse_spacing = spacing * (shape - 1) / (coarse_shape - 1)
+    velocity = VELOCITY_STD_MM * _smooth_random_field(rng, coarse_shape, coarse_spacing, CONTROL_MM, 3)
+    coarse_disp = _integrate_velocity(velocity, coarse_spacing, SQUARING_STEPS)
+    resize = [_linear_resize_matrix(s, c) for s, c in zip(shape, coarse_shape)]
+    disp = np.einsum("ai,bj,ck,nijk->nabc", *resize, coarse_disp, optimize=True)
+    centre = (shape - 1) / 2
+    axes = [(np.arange(s) - c) * d for s, c, d in zip(shape, centre, spacing)]
+    points = np.stack(np.meshgrid(*axes, indexing="ij")) + disp
+    scale = rng.uniform(0.94, 1.06, size=3).reshape(3, 1, 1, 1)  # global size variation
     return points * scale
 
 

@@ -67,10 +67,12 @@ class GeminiStep(nn.Module):
         loss, terms = gemini_loss(img_a, img_b, feat_a, feat_b, disp_ab, disp_ba, reg_ab=raw_ab, reg_ba=raw_ba,
                                   weights=self.weights, ncc_window=self.ncc_window,
                                   smoothness_kind=self.smoothness_kind)
-        logs = {k: float(v) for k, v in terms.items() if isinstance(v, (float, int)) or
-                (torch.is_tensor(v) and v.numel() == 1)}
         with torch.no_grad():
-            logs["folding_fraction"] = float(folding_fraction(disp_ab.detach()))
+            scalars = {k: v.detach().float().reshape(()) for k, v in terms.items()
+                       if torch.is_tensor(v) and v.numel() == 1}
+            scalars["folding_fraction"] = folding_fraction(disp_ab.detach()).float()
+            # one device sync for all log values instead of one per term
+            logs = dict(zip(scalars, torch.stack(list(scalars.values())).tolist()))
         return loss, logs
 
 

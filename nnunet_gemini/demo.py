@@ -1,0 +1,178 @@
+"""`gemini_demo`: the whole GEMINI workflow on the built-in synthetic demo data, one command.
+
+Stages, each a real console command in a subprocess (what a user would type):
+  gemini_demo_dataset -> nnUNetv2_plan_and_preprocess -> gemini_pretrain ->
+  nnUNetv2_train -tr nnUNetTrainerGEMINI -> nnUNetv2_predict -> Dice against labelsTs.
+The report (Dice per structure, time per stage, where every output is) is printed and written
+as JSON into the working folder.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nnunet_gemini.errors import GeminiUserError, run_cli
+
+# Iteration counts per budget. quick: about 10 minutes end to end on a 2-core CPU.
+BUDGETS = {
+    "quick": dict(pretrain_epochs=4, pretrain_iters=10, train_epochs=6, train_iters=10, val_iters=2),
+    "standard": dict(pretrain_epochs=20, pretrain_iters=50, train_epochs=30, train_iters=50, val_iters=10),
+    "paper": dict(pretrain_epochs=200, pretrain_iters=250, train_epochs=1000, train_iters=250, val_iters=50),
+}
+NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+def _budget_help() -> str:
+    return "; ".join(
+        f"{name}: pre-train {b['pretrain_epochs']}x{b['pretrain_iters']} it, "
+        f"train {b['train_epochs']}x{b['train_iters']} it" for name, b in BUDGETS.items())
+
+
+def _default_device() -> str:
+    try:
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except Exception:  # torch missing is reported by the first stage that needs it
+        return "cpu"
+
+
+def _folders(work_dir: str | None) -> dict:
+    """The user's nnUNet_* folders when all three are set (and no --work_dir), else a work folder."""
+    if work_dir is None and all(os.environ.get(v) for v in NNUNET_VARS):
+        return {v: os.environ[v] for v in NNUNET_VARS}
+    root = Path(work_dir or "gemini_demo_work").resolve()
+    return {v: str(root / v) for v in NNUNET_VARS}
+
+
+class _Runner:
+    def __init__(self, env: dict, log_dir: Path):
+        self.env, self.log_dir, self.times = env, log_dir, {}
+
+    def __call__(self, stage: str, cmd: list[str], extra_env: dict | None = None) -> None:
+        exe = shutil.which(cmd[0], path=self.env.get("PATH"))
+        if exe is None:
+            raise GeminiUserError(f"command '{cmd[0]}' not found on PATH; install the project with "
+                                  f"`pip install -e .` in the active environment")
+        env = dict(self.env, **(extra_env or {}))
+        log = self.log_dir / f"{stage}.log"
+        print(f"[gemini_demo] {stage}: {' '.join(cmd)}  (log: {log})", flush=True)
+        t0 = time.time()
+        with open(log, "w") as fh:
+            r = subprocess.run([exe] + cmd[1:], env=env, stdout=fh, stderr=subprocess.STDOUT)
+        self.times[stage] = round(time.time() - t0, 1)
+        if r.returncode != 0:
+            tail = "".join(open(log).readlines()[-15:])
+            raise GeminiUserError(f"stage '{stage}' failed (exit {r.returncode}); see {log}. Last lines:\n{tail}")
+
+
+def _dice_report(ref_dir: str, pred_dir: str, labels: dict, out_json: str) -> dict:
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
+
+    fg = {name: int(v) for name, v in labels.items() if int(v) != 0}
+    res = compute_metrics_on_folder_simple(ref_dir, pred_dir, list(fg.values()), out_json, num_processes=1,
+                                           chill=False)
+    per_label = {name: float(res["mean"][v]["Dice"]) for name, v in fg.items()}
+    return {"per_structure": per_label, "mean_foreground": float(res["foreground_mean"]["Dice"])}
+
+
+def _main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="gemini_demo",
+        description="Run the whole GEMINI + nnU-Net workflow on the built-in synthetic demo dataset: "
+                    "generate -> plan and preprocess -> gemini_pretrain -> nnUNetv2_train -tr "
+                    "nnUNetTrainerGEMINI -> nnUNetv2_predict -> test Dice.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-d", type=int, default=990, help="dataset ID for the demo dataset")
+    p.add_argument("--budget", choices=list(BUDGETS), default="quick",
+                   help=f"iteration budget ({_budget_help()})")
+    p.add_argument("-device", default=None, help="cuda|cpu|mps; default: cuda when available, else cpu")
+    p.add_argument("--work_dir", default=None,
+                   help="folder for nnUNet_raw/_preprocessed/_results; default: the user's nnUNet_* "
+                        "variables when all three are set, else ./gemini_demo_work")
+    p.add_argument("-tr", default="nnUNetTrainerGEMINI", help="trainer to run")
+    p.add_argument("--overwrite", action="store_true", help="regenerate the demo dataset if the ID exists")
+    a = p.parse_args(argv)
+    device = a.device or _default_device()
+    budget = BUDGETS[a.budget]
+    folders = _folders(a.work_dir)
+    for f in folders.values():
+        os.makedirs(f, exist_ok=True)
+    env = dict(os.environ, **folders)
+    env.setdefault("nnUNet_def_n_proc", "1" if device == "cpu" else str(min(8, os.cpu_count() or 1)))
+    root = Path(folders["nnUNet_results"]).parent
+    log_dir = root / "gemini_demo_logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    run = _Runner(env, log_dir)
+    t_start = time.time()
+
+    from nnunet_gemini.datasets import resolve_dataset
+
+    raw_existing = [d for d in os.listdir(folders["nnUNet_raw"]) if d.startswith(f"Dataset{a.d:03d}_")]
+    if not raw_existing or a.overwrite:
+        run("dataset", ["gemini_demo_dataset", "-d", str(a.d)] + (["--overwrite"] if a.overwrite else []))
+    os.environ.update(folders)  # resolve_dataset reads the variables at call time
+    dataset_name = resolve_dataset(str(a.d))
+    raw = Path(folders["nnUNet_raw"]) / dataset_name
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+
+    run("plan_and_preprocess", ["nnUNetv2_plan_and_preprocess", "-d", str(a.d), "-c", "3d_fullres",
+                                "-np", env["nnUNet_def_n_proc"], "-npfp", env["nnUNet_def_n_proc"],
+                                "--verify_dataset_integrity"])
+    train_env = {"nnUNet_gemini_num_epochs": str(budget["train_epochs"]),
+                 "nnUNet_gemini_iters_per_epoch": str(budget["train_iters"]),
+                 "nnUNet_gemini_val_iters": str(budget["val_iters"])}
+    if device == "cpu":
+        train_env["nnUNet_n_proc_DA"] = "0"
+    if a.tr != "nnUNetTrainerGEMINI_NoPretrain":
+        run("pretrain", ["gemini_pretrain", "-d", str(a.d), "-c", "3d_fullres", "-device", device,
+                         "--epochs", str(budget["pretrain_epochs"]),
+                         "--iters_per_epoch", str(budget["pretrain_iters"])],
+            extra_env={"nnUNet_n_proc_DA": "0"} if device == "cpu" else None)
+    run("train", ["nnUNetv2_train", str(a.d), "3d_fullres", "all", "-tr", a.tr, "-device", device],
+        extra_env=train_env)
+    pred_dir = root / "gemini_demo_predictions"
+    run("predict", ["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred_dir), "-d", str(a.d),
+                    "-c", "3d_fullres", "-f", "all", "-tr", a.tr, "-device", device,
+                    "-npp", "1", "-nps", "1"])
+    t0 = time.time()
+    dice = _dice_report(str(raw / "labelsTs"), str(pred_dir), dataset_json["labels"],
+                        str(pred_dir / "summary.json"))
+    run.times["evaluate"] = round(time.time() - t0, 1)
+
+    results = Path(folders["nnUNet_results"]) / dataset_name
+    report = {
+        "dataset": dataset_name, "trainer": a.tr, "budget": a.budget, "budget_iterations": budget,
+        "device": device, "test_dice": dice, "seconds_per_stage": run.times,
+        "total_seconds": round(time.time() - t_start, 1),
+        "outputs": {
+            "raw_dataset": str(raw),
+            "preprocessed": str(Path(folders["nnUNet_preprocessed"]) / dataset_name),
+            "pretraining": str(results / "GEMINIPretrain__nnUNetPlans__3d_fullres" / "fold_all"),
+            "training": str(results / f"{a.tr}__nnUNetPlans__3d_fullres" / "fold_all"),
+            "predictions": str(pred_dir), "logs": str(log_dir),
+        },
+    }
+    report_path = root / "gemini_demo_report.json"
+    report_path.write_text(json.dumps(report, indent=2))
+    print("\n=== gemini_demo report ===")
+    print(f"dataset {dataset_name}, trainer {a.tr}, budget {a.budget}, device {device}")
+    for name, d in dice["per_structure"].items():
+        print(f"  test Dice {name:>12s}: {d:.3f}")
+    print(f"  test Dice {'mean':>12s}: {dice['mean_foreground']:.3f}")
+    print("time per stage (s): " + ", ".join(f"{k} {v}" for k, v in run.times.items()))
+    for k, v in report["outputs"].items():
+        print(f"  {k}: {v}")
+    print(f"report: {report_path}")
+    return 0
+
+
+def main(argv=None):
+    sys.exit(run_cli(_main, argv))
+
+
+if __name__ == "__main__":
+    main()
