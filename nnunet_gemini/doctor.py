@@ -9,6 +9,7 @@ import io
 import os
 import platform
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import List, Optional
 
 from nnunet_gemini.datasets import (ENV_FOLDERS, count_labelled_images, count_unlabelled_images,
@@ -36,11 +37,11 @@ def versions() -> List[Finding]:
     found = [Finding("python", platform.python_version())]
     for module in ("torch", "nnunetv2"):
         try:
-            from importlib.metadata import version
             found.append(Finding(module, version(module)))
         except Exception as e:  # noqa: BLE001 - reported, not raised
             found.append(Finding(module, f"not importable ({e})", f"pip install {module}"))
-    found.append(Finding("nnunet_gemini", f"{nnunet_gemini.__version__} ({os.path.dirname(nnunet_gemini.__file__)})"))
+    where = os.path.dirname(nnunet_gemini.__file__)
+    found.append(Finding("nnunet_gemini", f"{nnunet_gemini.__version__} ({where})"))
     return found
 
 
@@ -81,7 +82,7 @@ def environment_findings() -> List[Finding]:
     missing = [p for p in ext if not os.path.isdir(p)]
     detail = ", ".join(f"{p} ({'missing' if p in missing else 'exists'})" for p in ext) or "not set"
     found.append(Finding("nnUNet_extTrainer", detail,
-                         f"remove the missing folders from nnUNet_extTrainer" if missing else None))
+                         "remove the missing folders from nnUNet_extTrainer" if missing else None))
     return found
 
 
@@ -111,19 +112,19 @@ def dataset_findings(dataset: str, plans: str) -> List[Finding]:
     else:
         found.append(Finding("planned", f"no (no preprocessed data for plans {plans})",
                              f"nnUNetv2_plan_and_preprocess -d {dataset_id} --verify_dataset_integrity"))
-    raw_folder = os.path.join(os.environ.get("nnUNet_raw") or "", name)
+    raw_folder = os.path.join(os.environ.get("nnUNet_raw") or "<nnUNet_raw unset>", name)
     if not os.path.isfile(os.path.join(raw_folder, "dataset.json")):
         found.append(Finding("raw images", f"{raw_folder}/dataset.json not found",
                              f"export nnUNet_raw to the folder holding {name}"))
         return found
+    dataset_json = load_json(os.path.join(raw_folder, "dataset.json"))
     labelled, unlabelled = count_labelled_images(raw_folder), count_unlabelled_images(raw_folder)
-    expected = load_json(os.path.join(raw_folder, "dataset.json")).get("numTraining")
+    expected = dataset_json.get("numTraining")
     found.append(Finding("labelled images", f"{labelled} (imagesTr with labelsTr; dataset.json "
                                             f"numTraining={expected})"))
     found.append(Finding("unlabelled images", f"{unlabelled} (imagesUnlabeled/)" + (
         "" if unlabelled else "; GEMINI then pairs the labelled images only: put unlabelled "
-                              "scans into imagesUnlabeled/ as CASE_0000" + load_json(
-                                  os.path.join(raw_folder, "dataset.json"))["file_ending"])))
+                              f"scans into imagesUnlabeled/ as CASE_0000{dataset_json['file_ending']}")))
     if labelled < NNUNET_KFOLD:
         found.append(Finding(
             "how to train", f"{labelled} labelled cases < {NNUNET_KFOLD}: nnU-Net's 5-fold split fails; "

@@ -141,7 +141,9 @@ def test_help_states_defaults(capsys):
 
 def test_planned_demo_passed_nnunet_integrity_check(planned_demo):
     """The session fixture ran nnUNetv2_plan_and_preprocess --verify_dataset_integrity on it."""
-    assert "verify" in planned_demo.plan_output.lower() or os.path.isdir(planned_demo.preprocessed_folder)
+    out = planned_demo.plan_output
+    assert "verify_dataset_integrity Done" in out
+    assert "Error:" not in out and "mismatch" not in out and "only has label 0" not in out
     with open(os.path.join(planned_demo.preprocessed_folder, "nnUNetPlans.json")) as f:
         plans = json.load(f)
     assert {"2d", "3d_fullres"} <= set(plans["configurations"])
