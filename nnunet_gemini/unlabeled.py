@@ -13,10 +13,12 @@ because the dataset class always opens one: it is never a label. The manifest ge
 lists the completed cases and is rewritten atomically after each case, so a case counts as done
 only once its files are complete; a crash leaves at most files that the next run redoes.
 """
+import gzip
 import json
 import multiprocessing
 import os
 import re
+import zlib
 from dataclasses import dataclass, asdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -190,10 +192,26 @@ class _Worker:
         self.dataset_is_3d = min(shape) > 1
         self.preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
 
+    @staticmethod
+    def _gzip_complete(path: str) -> str:
+        """'' if a .gz file decompresses to its end, else why. ITK's NIfTI reader returns a
+        truncated .nii.gz without any error (the missing part becomes garbage), so this is the
+        only way to see it; the cost is one decompression per file, once per case."""
+        try:
+            with gzip.open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+        except (OSError, EOFError, zlib.error) as e:
+            return f"{path} is unreadable or truncated ({type(e).__name__}: {e})"
+        return ""
+
     def read(self, case: PoolCase) -> Tuple[Optional[np.ndarray], Optional[dict], str]:
         """(data, properties, '') or (None, None, why) for a WARN; GeminiUserError for an ERROR."""
         arrays, props = [], []
         for f in case.files:  # one file at a time so a problem names its file
+            why = self._gzip_complete(f) if f.endswith(".gz") else ""
+            if why:
+                return None, None, why
             try:
                 a, p = self.reader.read_images([f])
             except Exception as e:  # SimpleITK/nibabel raise various types for broken files
