@@ -1,6 +1,6 @@
 """Local NCC loss, forward + backward: box filter (cumulative sums) vs dense window^3 conv.
 
-Usage: PYTHONPATH=. python benchmarks/bench_ncc.py [--repeats N] [--window 9] [--sizes 96 128]
+Usage: PYTHONPATH=. python benchmarks/bench_ncc.py [--repeats N] [--window 9] [--sizes 96 128] [--cpu-only]
 Prints per shape and device: median time of each, speed-up ratio, max abs difference of the
 loss and of the input gradient; on CUDA also fp32 vs autocast(fp16) and peak memory.
 Target: >= 30x at 1x1x96^3 on CPU.
@@ -11,6 +11,9 @@ import time
 import torch
 
 from nnunet_gemini.losses import local_ncc_loss, local_ncc_loss_dense
+
+
+SHAPES = {96: (1, 1, 96, 96, 96), 128: (2, 1, 128, 128, 128)}
 
 
 def _timed(fn, i, j, repeats, device):
@@ -69,14 +72,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--window", type=int, default=9)
     parser.add_argument("--cpu-only", action="store_true")
+    parser.add_argument("--sizes", type=int, nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
     args = parser.parse_args()
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and not args.cpu_only:
         devices.append(torch.device("cuda"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads", flush=True)
     for device in devices:
-        for shape in ((1, 1, 96, 96, 96), (2, 1, 128, 128, 128)):
-            bench(shape, device, args.repeats, args.window)
+        for size in args.sizes:
+            bench(SHAPES[size], device, args.repeats, args.window)
 
 
 if __name__ == "__main__":

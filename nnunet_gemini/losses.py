@@ -17,13 +17,13 @@ NCC_EPS = 1e-8  # relative: in units of (global variance of I) * (global varianc
 # ----------------------------------------------------------------------------- window sums
 def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
     """Sum over a centred window^d box with zero padding ('same' conv with a ones kernel),
-    separable: one cumulative sum per spatial axis, O(d) work per voxel whatever the window."""
+    separable: one cumulative sum and one difference per spatial axis, O(d) work per voxel
+    whatever the window. The input is zero-padded once on every axis (one extra leading zero
+    for the difference); padded voxels stay zero through the sums along the other axes."""
     half = window // 2
+    x = F.pad(x, [half + 1, half] * (x.ndim - 2))
     for dim in range(2, x.ndim):
-        pad = [0, 0] * (x.ndim - 2)
-        k = x.ndim - 1 - dim  # F.pad lists the last dim first
-        pad[2 * k], pad[2 * k + 1] = half + 1, half  # one extra leading zero for the difference
-        c = torch.cumsum(F.pad(x, pad), dim=dim)
+        c = torch.cumsum(x, dim=dim)
         n = c.shape[dim]
         x = c.narrow(dim, window, n - window) - c.narrow(dim, 0, n - window)
     return x
