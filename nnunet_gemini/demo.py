@@ -17,8 +17,10 @@ from pathlib import Path
 
 from nnunet_gemini.errors import GeminiUserError, run_cli
 
-# Iteration counts per budget. quick: about 10 minutes end to end on a 2-core CPU.
+# Iteration counts per budget. smoke: checks an installation (results meaningless);
+# quick: about 10 minutes end to end on a 2-core CPU.
 BUDGETS = {
+    "smoke": dict(pretrain_epochs=1, pretrain_iters=2, train_epochs=1, train_iters=2, val_iters=1),
     "quick": dict(pretrain_epochs=4, pretrain_iters=10, train_epochs=6, train_iters=10, val_iters=2),
     "standard": dict(pretrain_epochs=20, pretrain_iters=50, train_epochs=30, train_iters=50, val_iters=10),
     "paper": dict(pretrain_epochs=200, pretrain_iters=250, train_epochs=1000, train_iters=250, val_iters=50),

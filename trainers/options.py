@@ -1,0 +1,86 @@
+"""Per-run options of the nnunet-gemini trainers, read from `nnUNet_gemini_*` environment variables.
+
+nnU-Net constructs trainers with a fixed signature (an extra argument breaks it), so a user's
+per-run settings reach the trainer through the environment; class attributes of variants carry
+the rest. Every option is printed into the training log (see `describe`).
+"""
+import os
+from dataclasses import dataclass, fields
+from typing import Optional
+
+from nnunet_gemini.errors import GeminiUserError
+
+PREFIX = "nnUNet_gemini_"
+DEFORMATIONS = ("diffeomorphic", "displacement")
+
+
+@dataclass(frozen=True)
+class GeminiRunOptions:
+    weight: float = 1.0                  # GEMINI loss weight in total = supervised + weight * gemini
+    unlabeled_batch: Optional[int] = None  # pairs per iteration; None -> max(1, labelled batch // 2)
+    auto_pretrained: bool = True         # load a gemini_pretrain checkpoint of this dataset/plans/config
+    deformation: str = "diffeomorphic"   # deformer output: velocity (diffeomorphic) or displacement
+    max_nonfinite: int = 10              # non-finite losses in a row before training stops
+    num_epochs: Optional[int] = None     # budget (None: the trainer's own value)
+    iters_per_epoch: Optional[int] = None
+    val_iters: Optional[int] = None
+
+
+def _parse(name: str, raw: str, kind):
+    var = PREFIX + name
+    try:
+        if kind is bool:
+            if raw.strip().lower() in ("1", "true", "yes"):
+                return True
+            if raw.strip().lower() in ("0", "false", "no"):
+                return False
+            raise ValueError
+        value = kind(raw)
+    except ValueError:
+        raise GeminiUserError(f"environment variable {var}={raw!r} is not a valid "
+                              f"{'0/1 switch' if kind is bool else kind.__name__}: fix or unset it.") from None
+    if kind is int and value < (0 if name == "max_nonfinite" else 1):
+        raise GeminiUserError(f"environment variable {var}={raw!r} must be a positive integer: fix or unset it.")
+    if kind is float and not (value >= 0 and value < float("inf")):
+        raise GeminiUserError(f"environment variable {var}={raw!r} must be a finite number >= 0: fix or unset it.")
+    if name == "deformation" and value not in DEFORMATIONS:
+        raise GeminiUserError(f"environment variable {var}={raw!r} is not one of {DEFORMATIONS}: "
+                              f"pick one of them or unset it.")
+    return value
+
+
+_KINDS = {"weight": float, "unlabeled_batch": int, "auto_pretrained": bool, "deformation": str,
+          "max_nonfinite": int, "num_epochs": int, "iters_per_epoch": int, "val_iters": int}
+
+
+def read_env_options(environ=None) -> GeminiRunOptions:
+    """GeminiRunOptions from `nnUNet_gemini_*` variables (unset or empty -> default);
+    GeminiUserError naming the variable when a value is invalid."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for f in fields(GeminiRunOptions):
+        raw = environ.get(PREFIX + f.name, "")
+        if raw.strip():
+            values[f.name] = _parse(f.name, raw.strip(), _KINDS[f.name])
+    return GeminiRunOptions(**values)
+
+
+def describe(options: GeminiRunOptions, environ=None) -> str:
+    """One line per option: `nnUNet_gemini_NAME = value (environment|default)`."""
+    environ = os.environ if environ is None else environ
+    lines = []
+    for f in fields(options):
+        source = "environment" if environ.get(PREFIX + f.name, "").strip() else "default"
+        lines.append(f"  {PREFIX}{f.name} = {getattr(options, f.name)} ({source})")
+    return "\n".join(lines)
+
+
+def apply_budget(trainer, options: GeminiRunOptions) -> None:
+    """Training-length options override the trainer's (and its variant's) attributes. Called at
+    the start of initialize(), before nnU-Net builds the poly schedule from num_epochs."""
+    if options.num_epochs is not None:
+        trainer.num_epochs = options.num_epochs
+    if options.iters_per_epoch is not None:
+        trainer.num_iterations_per_epoch = options.iters_per_epoch
+    if options.val_iters is not None:
+        trainer.num_val_iterations_per_epoch = options.val_iters
