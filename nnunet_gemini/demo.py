@@ -9,13 +9,12 @@ as JSON into the working folder.
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from nnunet_gemini.errors import GeminiUserError, run_cli
+from nnunet_gemini.errors import run_cli
+from nnunet_gemini.workflow import NNUNET_VARS, StageRunner, default_device, score_predictions
 
 # Iteration counts per budget. smoke: checks an installation (results meaningless);
 # quick: about 10 minutes end to end on a 2-core CPU.
@@ -25,7 +24,6 @@ BUDGETS = {
     "standard": dict(pretrain_epochs=20, pretrain_iters=50, train_epochs=30, train_iters=50, val_iters=10),
     "paper": dict(pretrain_epochs=200, pretrain_iters=250, train_epochs=1000, train_iters=250, val_iters=50),
 }
-NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 
 def _budget_help() -> str:
@@ -34,51 +32,12 @@ def _budget_help() -> str:
         f"train {b['train_epochs']}x{b['train_iters']} it" for name, b in BUDGETS.items())
 
 
-def _default_device() -> str:
-    try:
-        import torch
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except Exception:  # torch missing is reported by the first stage that needs it
-        return "cpu"
-
-
 def _folders(work_dir: str | None) -> dict:
     """The user's nnUNet_* folders when all three are set (and no --work_dir), else a work folder."""
     if work_dir is None and all(os.environ.get(v) for v in NNUNET_VARS):
         return {v: os.environ[v] for v in NNUNET_VARS}
     root = Path(work_dir or "gemini_demo_work").resolve()
     return {v: str(root / v) for v in NNUNET_VARS}
-
-
-class _Runner:
-    def __init__(self, env: dict, log_dir: Path):
-        self.env, self.log_dir, self.times = env, log_dir, {}
-
-    def __call__(self, stage: str, cmd: list[str], extra_env: dict | None = None) -> None:
-        exe = shutil.which(cmd[0], path=self.env.get("PATH"))
-        if exe is None:
-            raise GeminiUserError(f"command '{cmd[0]}' not found on PATH; install the project with "
-                                  f"`pip install -e .` in the active environment")
-        env = dict(self.env, **(extra_env or {}))
-        log = self.log_dir / f"{stage}.log"
-        print(f"[gemini_demo] {stage}: {' '.join(cmd)}  (log: {log})", flush=True)
-        t0 = time.time()
-        with open(log, "w") as fh:
-            r = subprocess.run([exe] + cmd[1:], env=env, stdout=fh, stderr=subprocess.STDOUT)
-        self.times[stage] = round(time.time() - t0, 1)
-        if r.returncode != 0:
-            tail = "".join(open(log).readlines()[-15:])
-            raise GeminiUserError(f"stage '{stage}' failed (exit {r.returncode}); see {log}. Last lines:\n{tail}")
-
-
-def _dice_report(ref_dir: str, pred_dir: str, labels: dict, out_json: str) -> dict:
-    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
-
-    fg = {name: int(v) for name, v in labels.items() if int(v) != 0}
-    res = compute_metrics_on_folder_simple(ref_dir, pred_dir, list(fg.values()), out_json, num_processes=1,
-                                           chill=False)
-    per_label = {name: float(res["mean"][v]["Dice"]) for name, v in fg.items()}
-    return {"per_structure": per_label, "mean_foreground": float(res["foreground_mean"]["Dice"])}
 
 
 def _main(argv=None) -> int:
@@ -98,7 +57,7 @@ def _main(argv=None) -> int:
     p.add_argument("-tr", default="nnUNetTrainerGEMINI", help="trainer to run")
     p.add_argument("--overwrite", action="store_true", help="regenerate the demo dataset if the ID exists")
     a = p.parse_args(argv)
-    device = a.device or _default_device()
+    device = a.device or default_device()
     budget = BUDGETS[a.budget]
     folders = _folders(a.work_dir)
     for f in folders.values():
@@ -108,7 +67,7 @@ def _main(argv=None) -> int:
     root = Path(folders["nnUNet_results"]).parent
     log_dir = root / "gemini_demo_logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    run = _Runner(env, log_dir)
+    run = StageRunner(env, log_dir, "gemini_demo")
     t_start = time.time()
 
     from nnunet_gemini.datasets import resolve_dataset
@@ -141,8 +100,8 @@ def _main(argv=None) -> int:
                     "-c", "3d_fullres", "-f", "all", "-tr", a.tr, "-device", device,
                     "-npp", "1", "-nps", "1"])
     t0 = time.time()
-    dice = _dice_report(str(raw / "labelsTs"), str(pred_dir), dataset_json["labels"],
-                        str(pred_dir / "summary.json"))
+    dice = score_predictions(str(raw / "labelsTs"), str(pred_dir), dataset_json["labels"],
+                             str(pred_dir / "summary.json"))
     run.times["evaluate"] = round(time.time() - t0, 1)
 
     results = Path(folders["nnUNet_results"]) / dataset_name
@@ -162,9 +121,9 @@ def _main(argv=None) -> int:
     report_path.write_text(json.dumps(report, indent=2))
     print("\n=== gemini_demo report ===")
     print(f"dataset {dataset_name}, trainer {a.tr}, budget {a.budget}, device {device}")
-    for name, d in dice["per_structure"].items():
+    for name, d in dice["dice_per_structure"].items():
         print(f"  test Dice {name:>12s}: {d:.3f}")
-    print(f"  test Dice {'mean':>12s}: {dice['mean_foreground']:.3f}")
+    print(f"  test Dice {'mean':>12s}: {dice['dice_mean']:.3f}")
     print("time per stage (s): " + ", ".join(f"{k} {v}" for k, v in run.times.items()))
     for k, v in report["outputs"].items():
         print(f"  {k}: {v}")

@@ -20,8 +20,8 @@ def test_gemini_demo_smoke_budget_runs_every_stage_and_reports_dice(tmp_path):
                         "-device", "cpu", "--work_dir", str(work)], env, timeout=1500)
     report = json.loads((work / "gemini_demo_report.json").read_text())
     assert set(report["seconds_per_stage"]) == {"plan_and_preprocess", "pretrain", "train", "predict", "evaluate"}
-    assert set(report["test_dice"]["per_structure"]) == {"organ", "vessel", "cyst_wall", "lesion"}
-    assert 0.0 <= report["test_dice"]["mean_foreground"] <= 1.0
+    assert set(report["test_dice"]["dice_per_structure"]) == {"organ", "vessel", "cyst_wall", "lesion"}
+    assert 0.0 <= report["test_dice"]["dice_mean"] <= 1.0
     assert "test Dice" in proc.stdout
     preds = sorted(f for f in os.listdir(report["outputs"]["predictions"]) if f.endswith(".nii.gz"))
     assert len(preds) == 2

@@ -1,0 +1,436 @@
+"""`gemini_benchmark`: label-efficiency study of the GEMINI trainers against nnU-Net.
+
+For each N labelled cases and draw (the folds of gemini_fewshot_split), every method trains with
+THE SAME number of supervised iterations (nnUNet_gemini_* budget variables), predicts imagesTs
+with nnUNetv2_predict and is scored against labelsTs (Dice per structure, mean foreground Dice,
+per-case means). The plain baseline runs as nnUNetTrainerEnvBudget (nnUNetTrainer honouring the
+budget) and is reported as "nnUNetTrainer". One gemini_pretrain run serves every method that
+loads it; its wall time is shared out among those runs. Registration quality of the pre-trained
+deformer(s) (warped-label Dice over ordered test pairs, folding fraction) comes from
+gemini_register's Python API.
+
+Every stage is a real console command in a subprocess (logs in OUT/logs/). Resumable: each
+finished run is written atomically into OUT/results.json and skipped by a later call; the
+Markdown table (results.md) and plot (results.png) are rebuilt from it every time.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from nnunet_gemini.errors import GeminiUserError, run_cli
+from nnunet_gemini.workflow import NNUNET_VARS, StageRunner, default_device, score_predictions
+
+# Iteration counts per budget (epochs x iterations per epoch; val = validation iterations per epoch).
+# quick: a few minutes per training on a 2-core CPU, the default matrix in about two hours.
+BUDGETS = {
+    "quick": dict(pretrain_epochs=10, pretrain_iters=20, train_epochs=4, train_iters=25, val_iters=2, tta=False),
+    "standard": dict(pretrain_epochs=50, pretrain_iters=100, train_epochs=50, train_iters=100, val_iters=10,
+                     tta=True),
+    "paper": dict(pretrain_epochs=800, pretrain_iters=250, train_epochs=1000, train_iters=250, val_iters=50,
+                  tta=True),
+}
+METHODS = ("nnUNetTrainer", "nnUNetTrainerGEMINIFinetune", "nnUNetTrainerGEMINI_NoPretrain", "nnUNetTrainerGEMINI")
+TRAINER_OF = {"nnUNetTrainer": "nnUNetTrainerEnvBudget"}   # reported name -> trainer that honours the budget
+USES_PRETRAINING = {"nnUNetTrainerGEMINI", "nnUNetTrainerGEMINIFinetune"}
+DEFORMATIONS = ("diffeomorphic", "displacement")
+DEMO_ID = 991
+CONFIGURATION = "3d_fullres"
+PLANS = "nnUNetPlans"
+RESULTS_JSON, RESULTS_MD, RESULTS_PNG = "results.json", "results.md", "results.png"
+
+
+def budget_iterations(budget: dict) -> int:
+    return budget["train_epochs"] * budget["train_iters"]
+
+
+def _budget_help() -> str:
+    return "; ".join(f"{name}: pre-train {b['pretrain_epochs']}x{b['pretrain_iters']} it, train "
+                     f"{b['train_epochs']}x{b['train_iters']} = {budget_iterations(b)} supervised it, "
+                     f"{b['val_iters']} val it/epoch, test-time mirroring {'on' if b['tta'] else 'off'}"
+                     for name, b in BUDGETS.items())
+
+
+def _machine(device: str) -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "device": device}
+    if device == "cuda":
+        import torch
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # an interruption leaves the previous results, never a torn file
+
+
+def _run_key(run: dict) -> tuple:
+    return run["method"], run["n"], run["draw"], run["iterations"], run.get("reference", False)
+
+
+class Benchmark:
+    def __init__(self, args, out_dir: Path, folders: dict):
+        self.a, self.out, self.folders = args, out_dir, folders
+        self.budget = dict(BUDGETS[args.budget], **{k: v for k, v in vars(args).items()
+                                                     if k in BUDGETS[args.budget] and v is not None})
+        self.device = args.device or default_device()
+        env = dict(os.environ, **folders)
+        env.setdefault("nnUNet_def_n_proc", "1" if self.device == "cpu" else str(min(8, os.cpu_count() or 1)))
+        env.pop("nnUNet_n_proc_DA", None)  # set only for training (planning in 2.8.1 crashes on 0)
+        self.env = env
+        (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.run = StageRunner(env, out_dir / "logs", "gemini_benchmark")
+        self.results_path = out_dir / RESULTS_JSON
+        self.results = self._load_results()
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _load_results(self) -> dict:
+        config = {"dataset_arg": self.a.d, "seed": self.a.seed, "configuration": CONFIGURATION, "plans": PLANS}
+        if self.results_path.is_file():
+            results = json.loads(self.results_path.read_text())
+            if results.get("config") != config:
+                raise GeminiUserError(f"{self.results_path} belongs to another study ({results.get('config')}, now "
+                                      f"{config}): choose another -o or delete that folder")
+            return results
+        return {"format_version": 1, "config": config, "runs": [], "pretraining": {}, "registration": {}}
+
+    def _save(self) -> None:
+        _write_json_atomic(self.results_path, self.results)
+
+    def _finished(self, key: tuple) -> Optional[dict]:
+        return next((r for r in self.results["runs"] if _run_key(r) == key), None)
+
+    # ------------------------------------------------------------------ stages
+    def prepare_dataset(self) -> None:
+        from nnunet_gemini.datasets import is_preprocessed, load_json, resolve_dataset
+        os.environ.update(self.folders)  # nnunet_gemini.datasets reads the variables at call time
+        dataset = self.a.d
+        if dataset is None:
+            dataset = str(self.a.demo_id)
+            if not any(d.startswith(f"Dataset{self.a.demo_id:03d}_") for d in os.listdir(self.folders["nnUNet_raw"])):
+                self.run("demo_dataset", ["gemini_demo_dataset", "-d", dataset])
+        self.dataset_name = resolve_dataset(dataset)
+        self.dataset_id = int(self.dataset_name[7:10])
+        self.raw = Path(self.folders["nnUNet_raw"]) / self.dataset_name
+        for sub in ("imagesTs", "labelsTs"):
+            if not (self.raw / sub).is_dir():
+                raise GeminiUserError(f"{self.raw / sub} does not exist: the benchmark scores held-out test cases; "
+                                      f"add imagesTs/ and labelsTs/ to the raw dataset")
+        self.dataset_json = load_json(str(self.raw / "dataset.json"))
+        pre = Path(self.folders["nnUNet_preprocessed"]) / self.dataset_name
+        plans_file = pre / f"{PLANS}.json"
+        if not plans_file.is_file() or not is_preprocessed(str(pre), load_json(str(plans_file)), CONFIGURATION):
+            self.run("plan_and_preprocess", ["nnUNetv2_plan_and_preprocess", "-d", str(self.dataset_id), "-c",
+                                             CONFIGURATION, "-np", self.env["nnUNet_def_n_proc"], "-npfp",
+                                             self.env["nnUNet_def_n_proc"], "--verify_dataset_integrity"])
+        self.run("fewshot_split", ["gemini_fewshot_split", "-d", str(self.dataset_id), "-n", *map(str, self.a.n),
+                                   "--draws", str(self.a.draws), "--seed", str(self.a.seed), "--overwrite"])
+        mapping = load_json(str(pre / "splits_fewshot.json"))
+        self.folds = {(f["n"], f["draw"]): f for f in mapping["folds"]}
+        self.results["dataset"] = self.dataset_name
+
+    def _pretrain_checkpoint(self, deformation: str) -> Path:
+        if deformation == "diffeomorphic":  # the standard place, where the trainers look for it
+            from nnunet_gemini.pretrained import FINAL_CHECKPOINT, pretrain_output_dir
+            return Path(pretrain_output_dir(self.dataset_name, PLANS, CONFIGURATION)) / FINAL_CHECKPOINT
+        return self.out / "pretrain_displacement" / "checkpoint_final.pth"
+
+    def pretrain(self, deformation: str) -> dict:
+        """One gemini_pretrain run (recorded; reused by a later call)."""
+        record = self.results["pretraining"].get(deformation)
+        iterations = self.budget["pretrain_epochs"] * self.budget["pretrain_iters"]
+        checkpoint = self._pretrain_checkpoint(deformation)
+        if record and record["iterations"] == iterations and checkpoint.is_file():
+            return record
+        cmd = ["gemini_pretrain", "-d", str(self.dataset_id), "-c", CONFIGURATION, "-p", PLANS, "-device", self.device,
+               "--epochs", str(self.budget["pretrain_epochs"]), "--iters_per_epoch", str(self.budget["pretrain_iters"]),
+               "--deformation", deformation]
+        if deformation != "diffeomorphic":
+            cmd += ["-o", str(checkpoint.parent)]
+        seconds = self.run(f"pretrain_{deformation}", cmd,
+                           extra_env={"nnUNet_n_proc_DA": "0"} if self.device == "cpu" else None)
+        record = {"deformation": deformation, "checkpoint": str(checkpoint), "iterations": iterations,
+                  "seconds": seconds, "device": self.device}
+        self.results["pretraining"][deformation] = record
+        self._save()
+        return record
+
+    def train_and_score(self, method: str, n: int, draw: int, epochs: int, reference: bool = False,
+                        pretrain_share: float = 0.0) -> dict:
+        iterations = epochs * self.budget["train_iters"]
+        key = (method, n, draw, iterations, reference)
+        done = self._finished(key)
+        if done is not None:
+            print(f"[gemini_benchmark] done already: {method} N={n} draw={draw} ({iterations} it)", flush=True)
+            return done
+        fold = self.folds[(n, draw)]["fold"]
+        trainer = TRAINER_OF.get(method, method)
+        tag = f"{method}_N{n}_draw{draw}_{iterations}it"
+        # a reference run gets its own results folder: it must not replace the budget run of this fold
+        results_dir = self.folders["nnUNet_results"] if not reference else str(self.out / "nnUNet_results_reference")
+        env = {"nnUNet_results": results_dir, "nnUNet_gemini_num_epochs": str(epochs),
+               "nnUNet_gemini_iters_per_epoch": str(self.budget["train_iters"]),
+               "nnUNet_gemini_val_iters": str(self.budget["val_iters"])}
+        if self.device == "cpu":
+            env["nnUNet_n_proc_DA"] = "0"
+        train_s = self.run(f"train_{tag}", ["nnUNetv2_train", str(self.dataset_id), CONFIGURATION, str(fold), "-tr",
+                                            trainer, "-p", PLANS, "-device", self.device], extra_env=env)
+        pred_dir = self.out / "predictions" / tag
+        if pred_dir.exists():
+            shutil.rmtree(pred_dir)  # leftovers of an interrupted call
+        predict = ["nnUNetv2_predict", "-i", str(self.raw / "imagesTs"), "-o", str(pred_dir), "-d",
+                   str(self.dataset_id), "-c", CONFIGURATION, "-p", PLANS, "-f", str(fold), "-tr", trainer,
+                   "-device", self.device, "-npp", "1", "-nps", "1"] + ([] if self.budget["tta"] else ["--disable_tta"])
+        predict_s = self.run(f"predict_{tag}", predict, extra_env={"nnUNet_results": results_dir})
+        scores = score_predictions(str(self.raw / "labelsTs"), str(pred_dir), self.dataset_json["labels"],
+                                   str(pred_dir / "summary.json"))
+        run = {"method": method, "trainer": trainer, "n": n, "draw": draw, "fold": fold, "reference": reference,
+               "train_cases": self.folds[(n, draw)]["train"], "iterations": iterations, "epochs": epochs,
+               "iters_per_epoch": self.budget["train_iters"], **scores,
+               "train_seconds": train_s, "predict_seconds": predict_s, "pretrain_share_seconds": round(pretrain_share, 1),
+               "wall_seconds": round(train_s + predict_s + pretrain_share, 1), "device": self.device,
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.results["runs"].append(run)
+        self._save()
+        print(f"[gemini_benchmark] {method} N={n} draw={draw}: mean Dice {run['dice_mean']:.4f}", flush=True)
+        return run
+
+    def registration(self, deformation: str) -> dict:
+        done = self.results["registration"].get(deformation)
+        record = self.results["pretraining"][deformation]
+        if done and done.get("pretrain_iterations") == record["iterations"]:
+            return done
+        from nnunet_gemini.register import load_from_pretrain_checkpoint, register_folder
+        print(f"[gemini_benchmark] registration quality ({deformation}) on ordered imagesTs pairs", flush=True)
+        t0 = time.time()
+        model = load_from_pretrain_checkpoint(record["checkpoint"], self.device)
+        summary = register_folder(model, str(self.raw / "imagesTs"), str(self.raw / "labelsTs"),
+                                  str(self.out / "registration" / deformation), write_images=False)
+        dice = [p["dice"]["mean"] for p in summary["pairs"]]
+        folding = [p["folding_fraction"] for p in summary["pairs"]]
+        out = {"deformation": deformation, "pretrain_iterations": record["iterations"], "pairs": len(dice),
+               "dice_mean": float(np.nanmean(dice)), "dice_std": float(np.nanstd(dice)),
+               "dice_per_structure": summary["mean_dice_per_structure"],
+               "folding_fraction_mean": float(np.mean(folding)), "folding_fraction_max": float(np.max(folding)),
+               "seconds": round(time.time() - t0, 1), "per_pair": summary["pairs"]}
+        self.results["registration"][deformation] = out
+        self._save()
+        return out
+
+    def unregistered_dice(self) -> dict:
+        """Warped-label Dice's floor: the labels of each ordered test pair compared as they are."""
+        if "unregistered" in self.results["registration"]:
+            return self.results["registration"]["unregistered"]
+        import SimpleITK as sitk
+        from nnunet_gemini.register import label_dice
+        ending = self.dataset_json["file_ending"]
+        files = sorted(f for f in os.listdir(self.raw / "labelsTs") if f.endswith(ending))
+        images = {f: sitk.ReadImage(str(self.raw / "labelsTs" / f)) for f in files}
+        dice = []
+        for m in files:
+            for f in files:
+                if m != f:
+                    moved = sitk.Resample(images[m], images[f], sitk.Transform(), sitk.sitkNearestNeighbor)
+                    dice.append(label_dice(sitk.GetArrayFromImage(moved), sitk.GetArrayFromImage(images[f]),
+                                           self.dataset_json["labels"])["mean"])
+        out = {"pairs": len(dice), "dice_mean": float(np.nanmean(dice)), "dice_std": float(np.nanstd(dice))}
+        self.results["registration"]["unregistered"] = out
+        self._save()
+        return out
+
+    # ------------------------------------------------------------------ the study
+    def execute(self) -> None:
+        t_start = time.time()
+        self.prepare_dataset()
+        methods, ns, draws = self.a.methods, self.a.n, range(self.a.draws)
+        changed = {k: v for k, v in self.budget.items() if BUDGETS[self.a.budget][k] != v}
+        label = self.a.budget + "".join(f", {k}={v}" for k, v in changed.items())
+        self.results.update(budget=label, budget_iterations=dict(self.budget), device=self.device,
+                            machine=_machine(self.device), command=["gemini_benchmark"] + list(self.argv))
+        self._save()
+        deformations = {"both": DEFORMATIONS, "diffeomorphic": ("diffeomorphic",), "none": ()}[self.a.registration]
+        need_pretrain = bool(USES_PRETRAINING & set(methods)) or bool(deformations)
+        pretrain_seconds = self.pretrain("diffeomorphic")["seconds"] if need_pretrain else 0.0
+        sharing = len(USES_PRETRAINING & set(methods)) * len(ns) * self.a.draws
+        for n in ns:
+            for draw in draws:
+                for method in methods:
+                    share = pretrain_seconds / sharing if method in USES_PRETRAINING else 0.0
+                    self.train_and_score(method, n, draw, self.budget["train_epochs"], pretrain_share=share)
+        if self.a.reference_iters:
+            epochs = max(1, math.ceil(self.a.reference_iters / self.budget["train_iters"]))
+            for n in ns:
+                self.train_and_score("nnUNetTrainer", n, 0, epochs, reference=True)
+        for deformation in deformations:
+            self.pretrain(deformation)
+            self.registration(deformation)
+        if deformations:
+            self.unregistered_dice()
+        self.results["last_call_seconds"] = round(time.time() - t_start, 1)
+        self._save()
+        write_reports(self.results, self.out, methods, ns, budget_iterations(self.budget))
+
+
+# ---------------------------------------------------------------------- reports
+def _mean_std(values: List[float]) -> str:
+    if not values:
+        return "–"
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f} ({len(values)})"
+
+
+def summarise(results: dict, methods, ns, iterations: int) -> Dict[str, Dict[int, List[float]]]:
+    """{method: {N: [run mean Dice over draws]}} of the budget runs (reference runs excluded)."""
+    table = {m: {n: [] for n in ns} for m in methods}
+    for r in results["runs"]:
+        if not r.get("reference") and r["iterations"] == iterations and r["method"] in table and r["n"] in ns:
+            table[r["method"]][r["n"]].append(r["dice_mean"])
+    return table
+
+
+def write_reports(results: dict, out: Path, methods, ns, iterations: int) -> None:
+    table = summarise(results, methods, ns, iterations)
+    refs = [r for r in results["runs"] if r.get("reference") and r["n"] in ns]
+    lines = [f"# gemini_benchmark: {results.get('dataset')}", "",
+             f"Budget `{results.get('budget')}`: {iterations} supervised iterations per run "
+             f"({results['budget_iterations']['train_epochs']} epochs x {results['budget_iterations']['train_iters']}), "
+             f"pre-training {results['budget_iterations']['pretrain_epochs']} x "
+             f"{results['budget_iterations']['pretrain_iters']} iterations; device {results.get('device')} "
+             f"({results.get('machine', {}).get('gpu') or results.get('machine', {}).get('processor')}, "
+             f"{results.get('machine', {}).get('cpu_count')} CPUs).",
+             f"Command: `{' '.join(results.get('command', []))}`", "",
+             "Mean foreground test Dice (imagesTs vs labelsTs), mean ± std over draws (number of runs):", "",
+             "| method | " + " | ".join(f"N = {n}" for n in ns) + " | mean wall time / run (s) |",
+             "|---|" + "---|" * len(ns) + "---|"]
+    for m in methods:
+        walls = [r["wall_seconds"] for r in results["runs"] if r["method"] == m and not r.get("reference")
+                 and r["iterations"] == iterations]
+        lines.append(f"| {m} | " + " | ".join(_mean_std(table[m][n]) for n in ns)
+                     + f" | {np.mean(walls):.0f} |" if walls else f"| {m} | " + " | ".join("–" for _ in ns) + " | – |")
+    for r in sorted(refs, key=lambda r: (r["iterations"], r["n"])):
+        lines.append(f"| nnUNetTrainer, reference {r['iterations']} it (draw {r['draw']}) | "
+                     + " | ".join(f"{r['dice_mean']:.3f}" if r["n"] == n else "" for n in ns)
+                     + f" | {r['wall_seconds']:.0f} |")
+    structures = next((list(r["dice_per_structure"]) for r in results["runs"]), [])
+    if structures:
+        lines += ["", "Dice per structure (mean over draws):", "",
+                  "| method | N | " + " | ".join(structures) + " |", "|---|---|" + "---|" * len(structures)]
+        for m in methods:
+            for n in ns:
+                runs = [r for r in results["runs"] if r["method"] == m and r["n"] == n and not r.get("reference")
+                        and r["iterations"] == iterations]
+                if runs:
+                    lines.append(f"| {m} | {n} | " + " | ".join(
+                        f"{np.nanmean([r['dice_per_structure'][s] for r in runs]):.3f}" for s in structures) + " |")
+    reg = results.get("registration", {})
+    if reg:
+        lines += ["", "Registration of ordered test pairs with the pre-trained deformer (gemini_register): warped-label "
+                  "mean foreground Dice and fraction of voxels with Jacobian determinant <= 0:", "",
+                  "| model | pairs | warped-label Dice | folding fraction (mean / max) |", "|---|---|---|---|"]
+        for name in ("unregistered", *DEFORMATIONS):
+            if name in reg:
+                r = reg[name]
+                folding = (f"{r['folding_fraction_mean']:.5f} / {r['folding_fraction_max']:.5f}"
+                           if "folding_fraction_mean" in r else "–")
+                label = name if name == "unregistered" else f"{name} ({r['pretrain_iterations']} pre-train it)"
+                lines.append(f"| {label} | {r['pairs']} | {r['dice_mean']:.3f} ± {r['dice_std']:.3f} | {folding} |")
+    (out / RESULTS_MD).write_text("\n".join(lines) + "\n")
+    _plot(table, refs, ns, out / RESULTS_PNG, results)
+
+
+def _plot(table, refs, ns, path: Path, results: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for i, (method, per_n) in enumerate(table.items()):
+        xs = [n for n in ns if per_n[n]]
+        if xs:
+            ax.errorbar(np.array(xs) * (1 + 0.02 * (i - 1.5)), [np.mean(per_n[n]) for n in xs],
+                        yerr=[np.std(per_n[n]) for n in xs], marker="o", capsize=3, label=method)
+    for iterations in sorted({r["iterations"] for r in refs}):
+        pts = sorted((r["n"], r["dice_mean"]) for r in refs if r["iterations"] == iterations)
+        ax.plot(*zip(*pts), "k--", marker="s", mfc="none", label=f"nnUNetTrainer, {iterations} it (reference)")
+    ax.set_xscale("log")
+    ax.set_xticks(list(ns))
+    ax.set_xticklabels([str(n) for n in ns])
+    ax.set_xlabel("labelled training cases N")
+    ax.set_ylabel("mean foreground test Dice")
+    ax.set_title(f"{results.get('dataset')}, budget {results.get('budget')}, {results.get('device')}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- CLI
+def _folders(out_dir: Path, use_env: bool) -> dict:
+    """The user's nnUNet_* folders when all three are set, else folders inside OUT_DIR."""
+    if use_env and all(os.environ.get(v) for v in NNUNET_VARS):
+        return {v: os.environ[v] for v in NNUNET_VARS}
+    return {v: str(out_dir / v) for v in NNUNET_VARS}
+
+
+def _main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(
+        prog="gemini_benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Label-efficiency study: for N labelled cases x draws (gemini_fewshot_split folds) train each "
+                    "method with the same number of supervised iterations, predict imagesTs with nnUNetv2_predict, "
+                    "score Dice against labelsTs; plus registration quality of the pre-trained deformer. Writes "
+                    f"{RESULTS_JSON}, {RESULTS_MD} and {RESULTS_PNG} into -o; a second call skips finished runs.")
+    p.add_argument("-d", default=None, help="dataset id or name (with imagesTs/labelsTs); default: the synthetic "
+                                            "demo dataset (--demo_id), generated when missing")
+    p.add_argument("--demo_id", type=int, default=DEMO_ID, help="dataset id of the generated demo dataset")
+    p.add_argument("--n", type=int, nargs="+", default=[1, 2, 5], help="numbers of labelled training cases")
+    p.add_argument("--draws", type=int, default=3, help="random draws of the N cases")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to compare")
+    p.add_argument("--budget", choices=list(BUDGETS), default="quick", help=f"iteration budget ({_budget_help()})")
+    for key in ("train_epochs", "train_iters", "val_iters", "pretrain_epochs", "pretrain_iters"):
+        p.add_argument(f"--{key}", type=int, default=None, help=f"override the budget's {key.replace('_', ' ')}")
+    p.add_argument("--reference_iters", type=int, default=None, metavar="K",
+                   help="one extra nnUNetTrainer run per N (draw 0) with about K supervised iterations")
+    p.add_argument("--registration", choices=("both", "diffeomorphic", "none"), default="both",
+                   help="registration quality of the pre-trained deformer: both deformation models (a second "
+                        "pre-training with --deformation displacement), the diffeomorphic one, or none")
+    p.add_argument("-device", default=None, help="cuda|cpu|mps; default: cuda when available, else cpu")
+    p.add_argument("-o", default="gemini_benchmark", help="output folder (results, logs, predictions)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the few-shot draws")
+    p.add_argument("--own_nnunet_folders", action="store_true",
+                   help="keep nnUNet_raw/_preprocessed/_results inside -o even when the nnUNet_* variables are set")
+    a = p.parse_args(argv)
+    overrides = [a.train_epochs, a.train_iters, a.val_iters, a.pretrain_epochs, a.pretrain_iters, a.reference_iters]
+    if a.draws < 1 or min(a.n) < 1 or any(v is not None and v < 1 for v in overrides):
+        raise GeminiUserError("--n, --draws, --reference_iters and the budget overrides must be positive")
+    out = Path(a.o).resolve()
+    folders = _folders(out, use_env=not a.own_nnunet_folders)
+    for f in folders.values():
+        os.makedirs(f, exist_ok=True)
+    bench = Benchmark(a, out, folders)
+    bench.argv = argv
+    bench.execute()
+    print(f"\n{(out / RESULTS_MD).read_text()}")
+    print(f"results: {out / RESULTS_JSON}, {out / RESULTS_MD}, {out / RESULTS_PNG}")
+    return 0
+
+
+def main(argv=None):
+    sys.exit(run_cli(_main, argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""gemini_benchmark on a tiny matrix (one N, one draw, one iteration, two methods): well-formed
+results.json / results.md / results.png, and a second call redoes nothing that finished."""
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import run_command
+
+METHODS = ["nnUNetTrainer", "nnUNetTrainerGEMINI_NoPretrain"]
+
+
+@pytest.fixture(scope="module")
+def tiny_study(planned_demo, tmp_path_factory):
+    """The planned demo copied (the benchmark writes the split into it), then one benchmark call."""
+    from conftest import nnunet_env_dict
+    root = tmp_path_factory.mktemp("benchmark")
+    env = nnunet_env_dict(root)
+    for var in ("nnUNet_raw", "nnUNet_preprocessed"):
+        src = os.path.join(planned_demo.env[var], planned_demo.dataset_name)
+        shutil.copytree(src, os.path.join(env[var], planned_demo.dataset_name))
+    out = root / "study"
+    cmd = [sys.executable, "-m", "nnunet_gemini.benchmark", "-d", str(planned_demo.dataset_id), "--n", "3",
+           "--draws", "1", "--methods", *METHODS, "--registration", "none", "--train_epochs", "1",
+           "--train_iters", "1", "--val_iters", "1", "-device", "cpu", "-o", str(out)]
+    first = run_command(cmd, env, timeout=1200)
+    return dict(cmd=cmd, env=env, out=out, first=first, dataset=planned_demo)
+
+
+def test_results_json_table_and_plot(tiny_study):
+    out = tiny_study["out"]
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert sorted(r["method"] for r in runs) == sorted(METHODS)
+    labels = [k for k, v in json.load(open(os.path.join(tiny_study["dataset"].raw_folder, "dataset.json")))[
+        "labels"].items() if v != 0]
+    splits = json.load(open(os.path.join(tiny_study["env"]["nnUNet_preprocessed"], tiny_study["dataset"].dataset_name,
+                                         "splits_fewshot.json")))
+    for r in runs:
+        assert (r["n"], r["draw"], r["iterations"], r["device"]) == (3, 0, 1, "cpu")
+        fold = next(f for f in splits["folds"] if (f["n"], f["draw"]) == (3, 0))
+        assert r["fold"] == fold["fold"] and r["train_cases"] == fold["train"]
+        assert set(r["dice_per_structure"]) == set(labels)
+        assert len(r["dice_per_case"]) == 2  # the two imagesTs cases
+        assert 0.0 <= r["dice_mean"] <= 1.0
+        assert r["dice_mean"] == pytest.approx(np.nanmean(list(r["dice_per_structure"].values())))
+        assert r["wall_seconds"] >= r["train_seconds"] > 0
+        assert r["pretrain_share_seconds"] == 0.0  # neither method loads the pre-training
+    assert next(r for r in runs if r["method"] == "nnUNetTrainer")["trainer"] == "nnUNetTrainerEnvBudget"
+    table = (out / "results.md").read_text()
+    for method in METHODS:
+        row = next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
+        run = next(r for r in runs if r["method"] == method)
+        assert f"{run['dice_mean']:.3f} ± 0.000 (1)" in row
+    assert "N = 3" in table
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_second_call_redoes_no_finished_run(tiny_study):
+    out = tiny_study["out"]
+    before = json.loads((out / "results.json").read_text())["runs"]
+    logs = {p.name: p.stat().st_mtime_ns for p in (out / "logs").iterdir() if p.name.startswith(("train_", "predict_"))}
+    assert len(logs) == 4
+    second = run_command(tiny_study["cmd"], tiny_study["env"], timeout=600)
+    assert second.stdout.count("done already") == 2
+    assert "nnUNetv2_train" not in second.stdout and "nnUNetv2_predict" not in second.stdout
+    assert json.loads((out / "results.json").read_text())["runs"] == before
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "logs").iterdir()
+            if p.name.startswith(("train_", "predict_"))} == logs
+
+
+def test_reports_aggregate_over_draws(tmp_path):
+    """mean ± std over draws per (method, N), reference runs apart from the budget runs."""
+    from nnunet_gemini.benchmark import write_reports
+
+    def run(method, n, draw, dice, iterations=100, reference=False):
+        return {"method": method, "n": n, "draw": draw, "iterations": iterations, "reference": reference,
+                "dice_mean": dice, "dice_per_structure": {"organ": dice}, "wall_seconds": 10.0}
+    results = {"dataset": "Dataset991_GeminiDemo", "budget": "quick", "device": "cpu",
+               "budget_iterations": {"train_epochs": 4, "train_iters": 25, "pretrain_epochs": 1, "pretrain_iters": 1},
+               "runs": [run("nnUNetTrainer", 1, 0, 0.5), run("nnUNetTrainer", 1, 1, 0.7),
+                        run("nnUNetTrainerGEMINI", 1, 0, 0.8), run("nnUNetTrainer", 1, 0, 0.1, iterations=50),
+                        run("nnUNetTrainer", 1, 0, 0.9, iterations=1000, reference=True)],
+               "registration": {"unregistered": {"pairs": 2, "dice_mean": 0.4, "dice_std": 0.1},
+                                "diffeomorphic": {"pairs": 2, "dice_mean": 0.7, "dice_std": 0.05,
+                                                  "folding_fraction_mean": 0.001, "folding_fraction_max": 0.002,
+                                                  "pretrain_iterations": 1}}}
+    write_reports(results, tmp_path, ["nnUNetTrainer", "nnUNetTrainerGEMINI"], [1, 2], 100)
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    assert "| nnUNetTrainer | 0.600 ± 0.100 (2) | – | 10 |" in lines
+    assert "| nnUNetTrainerGEMINI | 0.800 ± 0.000 (1) | – | 10 |" in lines
+    assert any(line.startswith("| nnUNetTrainer, reference 1000 it") and "0.900" in line for line in lines)
+    assert any(line.startswith("| diffeomorphic") and "0.700 ± 0.050" in line and "0.00100" in line for line in lines)
+    assert (tmp_path / "results.png").is_file()

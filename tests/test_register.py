@@ -1,0 +1,144 @@
+"""gemini_register: a moving image that is a known shift of the fixed one, registered with a
+deformer whose output is exactly that shift (last conv: zero weights, bias = the shift), must
+come back onto the fixed image, through nnU-Net's preprocessing (the moving image is also
+zero-padded, which preprocessing crops away, and placed at another origin) and back into the
+fixed image's original geometry."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import run_command
+
+SHIFT = np.array([2, 3, -4])          # voxels, numpy axis order (z, y, x)
+PAD = ((3, 1), (0, 2), (4, 0))        # zero padding of the moving image (cropped by preprocessing)
+
+
+@pytest.fixture(scope="module")
+def shifted_pair(planned_demo, tmp_path_factory):
+    """Fixed = a demo test case; moving = the same case rolled by SHIFT, zero-padded, moved in
+    space; a gemini_pretrain-schema checkpoint whose deformer outputs SHIFT everywhere."""
+    import SimpleITK as sitk
+    import torch
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_gemini.checkpoints import KIND_PRETRAIN, atomic_torch_save
+    from nnunet_gemini.heads import build_deformer
+    from nnunet_gemini.network import build_segmentation_network
+    from nnunet_gemini.pretrained import FORMAT_VERSION
+
+    root = tmp_path_factory.mktemp("register")
+    raw = planned_demo.raw_folder
+    case = sorted(f for f in os.listdir(os.path.join(raw, "imagesTs")))[0][:-len("_0000.nii.gz")]
+    fixed = sitk.ReadImage(os.path.join(raw, "imagesTs", case + "_0000.nii.gz"))
+    fixed_label = sitk.ReadImage(os.path.join(raw, "labelsTs", case + ".nii.gz"))
+    folder = root / "pair"
+    labels = root / "pair_labels"
+    folder.mkdir()
+    labels.mkdir()
+
+    def moved(image):
+        array = np.pad(np.roll(sitk.GetArrayFromImage(image), SHIFT, axis=(0, 1, 2)), PAD)
+        out = sitk.GetImageFromArray(array)
+        out.SetSpacing(image.GetSpacing())
+        out.SetOrigin((12.5, -40.0, 3.0))
+        return out
+
+    sitk.WriteImage(fixed, str(folder / "fixed_0000.nii.gz"))
+    sitk.WriteImage(fixed_label, str(labels / "fixed.nii.gz"))
+    sitk.WriteImage(moved(fixed), str(folder / "moving_0000.nii.gz"))
+    sitk.WriteImage(moved(fixed_label), str(labels / "moving.nii.gz"))
+
+    plans = json.load(open(os.path.join(planned_demo.preprocessed_folder, "nnUNetPlans.json")))
+    dataset_json = json.load(open(os.path.join(planned_demo.preprocessed_folder, "dataset.json")))
+    pm = PlansManager(plans)
+    cm = pm.get_configuration("3d_fullres")
+    network = build_segmentation_network(pm, cm, 1, len(dataset_json["labels"]), enable_deep_supervision=False)
+    deformer = build_deformer(network, resolution="full")
+    with torch.no_grad():
+        deformer.out.weight.zero_()
+        deformer.out.bias.copy_(torch.tensor(SHIFT[pm.transpose_forward], dtype=torch.float32))
+    checkpoint = str(root / "fold_all" / "checkpoint_final.pth")
+    atomic_torch_save({"gemini_kind": KIND_PRETRAIN, "kind": KIND_PRETRAIN, "format_version": FORMAT_VERSION,
+                       "network_weights": network.state_dict(), "deformer_weights": deformer.state_dict(),
+                       "meta": {"dataset_name": planned_demo.dataset_name, "plans_identifier": "nnUNetPlans",
+                                "configuration": "3d_fullres", "deformation": "diffeomorphic",
+                                "deformer": {"resolution": "full", "integration_steps": 7}}}, checkpoint)
+    return dict(root=root, folder=folder, labels=labels, checkpoint=checkpoint, fixed=fixed,
+                fixed_label=fixed_label, env=planned_demo.env)
+
+
+def _inside(shape):
+    """Mask of fixed voxels p whose shifted source p + SHIFT lies inside the image."""
+    index = np.indices(shape)
+    return np.all([(index[a] + SHIFT[a] >= 0) & (index[a] + SHIFT[a] < shape[a]) for a in range(3)], axis=0)
+
+
+def test_register_recovers_known_shift_in_fixed_geometry(shifted_pair):
+    import SimpleITK as sitk
+
+    p, out = shifted_pair, shifted_pair["root"] / "out"
+    proc = run_command([sys.executable, "-m", "nnunet_gemini.register", "--checkpoint", p["checkpoint"],
+                        "-m", str(p["folder"] / "moving_0000.nii.gz"), "-f", str(p["folder"] / "fixed_0000.nii.gz"),
+                        "--moving_label", str(p["labels"] / "moving.nii.gz"),
+                        "--fixed_label", str(p["labels"] / "fixed.nii.gz"), "-o", str(out), "-device", "cpu"],
+                       p["env"], timeout=600)
+    assert "folding fraction" in proc.stdout
+    warped = sitk.ReadImage(str(out / "warped_moving_0000.nii.gz"))
+    warped_label = sitk.ReadImage(str(out / "warped_moving_label.nii.gz"))
+    field = sitk.ReadImage(str(out / "displacement_mm.nii.gz"))
+    for image in (warped, warped_label, field):  # the fixed image's original geometry
+        assert image.GetSize() == p["fixed"].GetSize()
+        assert np.allclose(image.GetSpacing(), p["fixed"].GetSpacing())
+        assert np.allclose(image.GetOrigin(), p["fixed"].GetOrigin())
+        assert np.allclose(image.GetDirection(), p["fixed"].GetDirection())
+    assert field.GetNumberOfComponentsPerPixel() == 3
+
+    fixed_array = sitk.GetArrayFromImage(p["fixed"])
+    inside = _inside(fixed_array.shape)
+    error = np.abs(sitk.GetArrayFromImage(warped) - fixed_array)[inside]
+    assert error.max() < 1e-3 * np.ptp(fixed_array)
+    report = json.load(open(out / "registration.json"))
+    assert report["folding_fraction"] == 0.0
+    assert report["dice"]["mean"] > 0.97
+    label = sitk.GetArrayFromImage(p["fixed_label"])
+    assert np.array_equal(sitk.GetArrayFromImage(warped_label)[inside], label[inside])
+
+    # the written field, applied by SimpleITK itself, reproduces the written warped image
+    moving = sitk.ReadImage(str(p["folder"] / "moving_0000.nii.gz"))
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    resampled = sitk.Resample(moving, p["fixed"], transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    assert np.allclose(sitk.GetArrayFromImage(resampled), sitk.GetArrayFromImage(warped), atol=1e-4)
+    # and in millimetres: fixed voxel p sits at moving voxel p + SHIFT + pad (other origin, same spacing)
+    d = sitk.GetArrayFromImage(field)[inside]
+    expected = (SHIFT + np.array([b for b, _ in PAD]))[::-1] * np.array(p["fixed"].GetSpacing()) \
+        + np.array(moving.GetOrigin()) - np.array(p["fixed"].GetOrigin())
+    assert np.allclose(d, expected, atol=1e-3)
+
+
+def test_pairs_from_folder_reports_dice_per_ordered_pair(shifted_pair, monkeypatch):
+    from nnunet_gemini.register import load_from_pretrain_checkpoint, register_folder
+
+    p = shifted_pair
+    monkeypatch.setenv("nnUNet_preprocessed", p["env"]["nnUNet_preprocessed"])
+    model = load_from_pretrain_checkpoint(p["checkpoint"], "cpu")
+    summary = register_folder(model, str(p["folder"]), str(p["labels"]), str(p["root"] / "pairs"),
+                              write_images=False)
+    dice = {(q["moving"], q["fixed"]): q["dice"]["mean"] for q in summary["pairs"]}
+    assert set(dice) == {("moving", "fixed"), ("fixed", "moving")}
+    assert dice["moving", "fixed"] > 0.97
+    # the same field the other way round doubles the misalignment: the direction matters
+    assert dice["fixed", "moving"] < dice["moving", "fixed"] - 0.1
+    written = json.load(open(p["root"] / "pairs" / "pairs.json"))
+    assert written["mean_dice"] == pytest.approx(np.mean(list(dice.values())))
+    assert not (p["root"] / "pairs" / "moving_to_fixed").exists()  # write_images=False
+
+
+def test_cli_rejects_two_models(shifted_pair):
+    proc = __import__("subprocess").run(
+        [sys.executable, "-m", "nnunet_gemini.register", "--checkpoint", shifted_pair["checkpoint"], "-d", "987",
+         "-m", "a", "-f", "b", "-o", "x"], env=shifted_pair["env"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "exactly one model" in proc.stderr
