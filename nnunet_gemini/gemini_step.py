@@ -13,8 +13,22 @@ it once and takes u_BA = exp(-v_AB), the exact inverse of the same flow (a true 
 pair, half the deformer cost). "displacement" (as released): u = D(...), both directions
 always. Smoothness acts on the raw field (velocity or displacement).
 
-Default deformer option, measured (benchmarks/bench_gemini_step.py and the learning-sanity
-figures in tests/test_gemini_step.py; see DEFAULT_* below for the choice and numbers).
+Default deformer option, measured (2-core CPU shared with other jobs, so timings are rough):
+half resolution, one direction (DEFAULT_BIDIRECTIONAL below, heads.DEFAULT_DEFORMER_RESOLUTION).
+- Speed, `PYTHONPATH=. python benchmarks/bench_gemini_step.py` (fwd+bwd, 2 pairs, 3d 32x48x48,
+  4-stage PlainConvUNet): GEMINI part (deformer + integration + loss) relative to full+both:
+  full+one 0.46, half+both 0.30, half+one 0.23; the deformer alone: 33.0 s / 12.5 / 6.6 / 2.1 s.
+- Quality (deformer-only learning on a 2D 64^2 pair with a known smooth deformation, max 3 vox,
+  150 Adam steps): end-point error / mean |u_true|: full+both 0.045, full+one 0.038,
+  half+both 0.022, half+one 0.028; appearance loss 0.94 -> <= 0.014 for all; no folding.
+  `bench_gemini_step.py --skip-speed --quality-steps 60 --quality-seeds 1` (64^2, 60 steps):
+  EPE/|u| full+both 0.155, full+one 0.048, half+both 0.058, half+one 0.037; appearance
+  after/before 0.021 / 0.016 / 0.014 / 0.018; no folding. Both-direction full resolution
+  converges slowest.
+So half+one costs about a quarter of full+both's GEMINI overhead at equal or better quality,
+and its pair (exp(v), exp(-v)) is exactly inverse-consistent. Caveat: the synthetic
+deformation is smooth; a full-resolution deformer may matter for fine inter-subject detail,
+so both options stay available.
 """
 import dataclasses
 from typing import Optional
@@ -27,19 +41,20 @@ from nnunet_gemini.losses import GeminiWeights, gemini_loss
 from nnunet_gemini.registration import folding_fraction, integrate_velocity
 
 DEFORMATIONS = ("diffeomorphic", "displacement")
-DEFAULT_DEFORMER_RESOLUTION = "full"
-DEFAULT_BIDIRECTIONAL = True
+DEFAULT_BIDIRECTIONAL = False
 
 
 class GeminiStep(nn.Module):
     """GEMINI loss for pairs (img_a[i], img_b[i]); owns no parameters besides the deformer."""
 
     def __init__(self, deformer: nn.Module, deformation: str = "diffeomorphic", integration_steps: int = 7,
-                 bidirectional: bool = DEFAULT_BIDIRECTIONAL, weights: Optional[GeminiWeights] = None,
+                 bidirectional: Optional[bool] = None, weights: Optional[GeminiWeights] = None,
                  ncc_window: int = 9, smoothness_kind: str = "gradient"):
         super().__init__()
         if deformation not in DEFORMATIONS:
             raise GeminiUserError(f"deformation {deformation!r} is not one of {DEFORMATIONS}; pick one of them")
+        if bidirectional is None:  # a displacement has no closed-form inverse: both directions
+            bidirectional = True if deformation == "displacement" else DEFAULT_BIDIRECTIONAL
         if deformation == "displacement" and not bidirectional:
             raise GeminiUserError("deformation 'displacement' has no closed-form inverse, so it needs "
                                   "bidirectional=True; use deformation 'diffeomorphic' for one direction")

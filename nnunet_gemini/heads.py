@@ -17,6 +17,7 @@ from nnunet_gemini.network import feature_channels, unwrap_network
 from nnunet_gemini.registration import resize_field
 
 DEFORMER_RESOLUTIONS = ("full", "half")
+DEFAULT_DEFORMER_RESOLUTION = "half"  # measured choice: see nnunet_gemini/gemini_step.py docstring
 
 
 def network_ops(network: nn.Module) -> dict:
@@ -54,7 +55,7 @@ class Deformer(nn.Module):
     resolution voxels.
     """
 
-    def __init__(self, ops: dict, in_channels: int, ndim: int = None, resolution: str = "full",
+    def __init__(self, ops: dict, in_channels: int, ndim: int = None, resolution: str = DEFAULT_DEFORMER_RESOLUTION,
                  channels: Sequence[int] = (32, 64, 64, 64, 32), init_std: float = 1e-5):
         super().__init__()
         if resolution not in DEFORMER_RESOLUTIONS:
@@ -107,7 +108,8 @@ class RestorationHead(nn.Module):
         return self.out(self.body(features))
 
 
-def build_deformer(network: nn.Module, ndim: int = None, resolution: str = "full", **kwargs) -> Deformer:
+def build_deformer(network: nn.Module, ndim: int = None, resolution: str = DEFAULT_DEFORMER_RESOLUTION,
+                   **kwargs) -> Deformer:
     return Deformer(network_ops(network), feature_channels(network), ndim=ndim, resolution=resolution, **kwargs)
 
 

@@ -73,10 +73,10 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         self.gemini_weight = self.gemini_options.weight
         self.gemini_deformation = self.gemini_options.deformation
         self.max_nonfinite_in_a_row = self.gemini_options.max_nonfinite
-        from nnunet_gemini.gemini_step import DEFAULT_BIDIRECTIONAL, DEFAULT_DEFORMER_RESOLUTION
+        from nnunet_gemini.heads import DEFAULT_DEFORMER_RESOLUTION
         # deformer options: the shared defaults, or the pre-training's when one is loaded
         self.deformer_resolution = DEFAULT_DEFORMER_RESOLUTION
-        self.gemini_bidirectional = DEFAULT_BIDIRECTIONAL
+        self.gemini_bidirectional = None  # GeminiStep's default for the deformation model
         self.gemini_integration_steps = 7
         self.gemini_deformer = None    # -> configure_optimizers
         self.gemini_step = None        # -> initialize
