@@ -61,7 +61,7 @@ def shifted_pair(planned_demo, tmp_path_factory):
         deformer.out.weight.zero_()
         deformer.out.bias.copy_(torch.tensor(SHIFT[pm.transpose_forward], dtype=torch.float32))
     checkpoint = str(root / "fold_all" / "checkpoint_final.pth")
-    atomic_torch_save({"gemini_kind": KIND_PRETRAIN, "kind": KIND_PRETRAIN, "format_version": FORMAT_VERSION,
+    atomic_torch_save({"gemini_kind": KIND_PRETRAIN, "format_version": FORMAT_VERSION,
                        "network_weights": network.state_dict(), "deformer_weights": deformer.state_dict(),
                        "meta": {"dataset_name": planned_demo.dataset_name, "plans_identifier": "nnUNetPlans",
                                 "configuration": "3d_fullres", "deformation": "diffeomorphic",

@@ -157,7 +157,7 @@ def write_fake_pretrain_checkpoint(demo, env, configuration="2d", **compat_chang
     with torch.no_grad():
         for p in list(donor.network.parameters()) + list(donor.gemini_deformer.parameters()):
             p.add_(torch.randn_like(p))  # weights no fresh initialisation could have
-    ckpt = {"gemini_kind": checkpoints.KIND_PRETRAIN, "kind": checkpoints.KIND_PRETRAIN,
+    ckpt = {"gemini_kind": checkpoints.KIND_PRETRAIN,
             "format_version": pretrained.FORMAT_VERSION,
             "network_weights": _state(donor.network), "deformer_weights": _state(donor.gemini_deformer),
             "meta": {"compat": compat, "deformation": "diffeomorphic",

@@ -1,0 +1,556 @@
+"""GEMINI-MIP pre-training loop on nnU-Net's plans (what gemini_pretrain runs).
+
+One iteration (defaults):
+  pairs (a, b): two different pool cases, patches at the same relative position, one shared
+  spatial augmentation (nnunet_gemini.pairs) ->
+  ONE forward of the nnU-Net network on cat(a, b, damaged(a)) with a DecoderFeatureTap ->
+  GeminiStep on the features of a and b (the shared GEMINI step; losses are not re-implemented
+  here) + 100 * MSE(restoration_head(features of damaged a), rescaled clean a) ->
+  one backward, gradient clipping at 12 (as nnU-Net), one Adam step.
+
+Choices (documented defaults, see also run_pretraining --help):
+- Optimiser: Adam, lr 1e-4 constant, as released (the released run: 2e5 iterations of batch 1
+  whole volumes). Ours: 800 epochs x 250 iterations = 2e5 iterations of patch pairs; pairs per
+  iteration = half the plans' batch size (at least 1), so one forward sees as many images as
+  nnU-Net's own training (2 x pairs) plus the damaged copies, and the plans' GPU memory target
+  roughly holds.
+- Restoration "joint" (default): the damaged images ride in the same forward and the two losses
+  are summed into one step; "separate" reproduces the released two forwards / two optimiser
+  steps per iteration. Joint costs one forward/backward of 3P images instead of 2P + P in two
+  passes with two optimiser steps: measured with benchmarks/bench_pretrain.py -d <demo> on a
+  2-core CPU (patch 24x32x32, 1 pair), joint 1.34 s/it vs separate 1.77 s/it (1.32x). Both
+  learn on the demo pair (tests/test_pretrain.py states the margins for joint); a long
+  quality comparison of the two was not run (no GPU available when this was written).
+- The damaged input is mapped back into the patch's own intensity range before the forward
+  (Models Genesis damage works on a [0, 1] rescaled copy; nnU-Net inputs are z-scored or
+  CT-normalised), and the head predicts the rescaled clean patch.
+- Deformer: the library's measured default (heads.DEFAULT_DEFORMER_RESOLUTION,
+  gemini_step.DEFAULT_BIDIRECTIONAL; "displacement" always runs both directions).
+- Segmentation convs (`.seg_layers.`) are frozen: no pre-training loss reaches them and
+  downstream fine-tuning replaces them; freezing also keeps DDP free of unused parameters.
+- Mixed precision (autocast + GradScaler) on CUDA only; the registration and loss maths run in
+  float32 inside (internal-api.md). torch.compile with --compile or nnUNet_compile=1 (CUDA).
+
+Non-finite guard: a non-finite loss skips the update (every rank agrees), is counted and
+logged; after --max_nonfinite in a row training stops with a GeminiUserError.
+Test-only: GEMINI_TEST_NONFINITE_AT_ITER=k makes the loss NaN at global iteration k (0-based);
+"k+" makes it NaN at k and every later iteration.
+"""
+import contextlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nnunet_gemini import checkpoints, datasets, unlabeled
+from nnunet_gemini.degradation import models_genesis_damage
+from nnunet_gemini.errors import GeminiUserError, warn_user
+from nnunet_gemini.gemini_step import GeminiStep
+from nnunet_gemini.heads import build_deformer, build_restoration_head
+from nnunet_gemini.losses import restoration_loss
+from nnunet_gemini.network import DecoderFeatureTap, build_segmentation_network
+from nnunet_gemini.pretrained import (FINAL_CHECKPOINT, FORMAT_VERSION, LATEST_CHECKPOINT,
+                                      pretrain_output_dir)
+from nnunet_gemini.registration import warp
+
+from .progress import PretrainLogger, is_interactive, save_pair_figure, save_restoration_figure
+
+NONFINITE_ENV = "GEMINI_TEST_NONFINITE_AT_ITER"
+RESTORATION_WEIGHT = 100.0  # released weight of the Models Genesis MSE
+GRAD_CLIP = 12.0  # nnU-Net's clip norm
+RESTORATION_MODES = ("joint", "separate")
+DEFAULT_EPOCHS, DEFAULT_ITERS_PER_EPOCH, DEFAULT_LR = 800, 250, 1e-4
+DEFAULT_SAVE_EVERY, DEFAULT_MAX_NONFINITE, DEFAULT_EXAMPLE_EVERY = 5, 10, 10
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class PretrainOptions:
+    """Every knob of a pre-training run (the CLI flags; plain types, stored in the checkpoint)."""
+    dataset: str
+    configuration: str = "3d_fullres"
+    plans: str = "nnUNetPlans"
+    device: str = field(default_factory=default_device)
+    num_gpus: int = 1
+    num_processes: int = 1  # pool preprocessing workers (-np)
+    continue_training: bool = False
+    epochs: int = DEFAULT_EPOCHS
+    iters_per_epoch: int = DEFAULT_ITERS_PER_EPOCH
+    batch_size: Optional[int] = None  # pairs per iteration over all ranks; None: plans' batch // 2
+    lr: float = DEFAULT_LR
+    deformation: str = "diffeomorphic"
+    unlabeled_dirs: List[str] = field(default_factory=list)
+    include_test_images: bool = False
+    restoration: bool = True
+    restoration_mode: str = "joint"
+    strict: bool = False
+    output_dir: Optional[str] = None
+    save_every: int = DEFAULT_SAVE_EVERY
+    max_nonfinite: int = DEFAULT_MAX_NONFINITE
+    example_every: int = DEFAULT_EXAMPLE_EVERY
+    compile: bool = False
+    seed: int = 12345
+    patch_size: Optional[List[int]] = None  # API only (tests, benchmarks): overrides the plans' patch
+
+
+def nonfinite_injection_iterations() -> tuple:
+    """(first, every_later) from GEMINI_TEST_NONFINITE_AT_ITER, or (None, False)."""
+    value = os.environ.get(NONFINITE_ENV, "").strip()
+    if not value:
+        return None, False
+    try:
+        return int(value.rstrip("+")), value.endswith("+")
+    except ValueError:
+        raise GeminiUserError(f"{NONFINITE_ENV}={value!r} is not an iteration number: use k or k+ "
+                              f"(test-only; unset it for real runs).") from None
+
+
+def _to_cpu(obj):
+    """Tensors of a (nested) state dict to CPU, for a device-independent checkpoint."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _package_versions() -> Dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for name in ("nnunet-gemini", "nnunetv2", "torch", "dynamic-network-architectures", "batchgeneratorsv2"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "unknown"
+    out["torch"] = str(torch.__version__)  # with the build tag (+cu130 / +cpu)
+    return out
+
+
+class PretrainModel(nn.Module):
+    """Network + GEMINI step (which owns the deformer) + restoration head as ONE module, so a
+    single DDP wrapper covers every trained parameter and every forward goes through it."""
+
+    def __init__(self, network: nn.Module, gemini: GeminiStep, restoration_head: Optional[nn.Module]):
+        super().__init__()
+        self.network = network
+        self.gemini = gemini
+        self.restoration_head = restoration_head
+        self.tap = DecoderFeatureTap(network)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        self.network(x)
+        return self.tap.pop()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, damaged: Optional[torch.Tensor] = None,
+                target: Optional[torch.Tensor] = None, task: str = "gemini"):
+        """task "gemini": GEMINI loss on (a, b), plus the restoration loss of `damaged` when given
+        (same forward); task "restoration": the restoration loss alone. -> (loss, logs)."""
+        p = a.shape[0]
+        if task == "restoration":
+            rest = restoration_loss(self.restoration_head(self.features(damaged)), target)
+            return RESTORATION_WEIGHT * rest, {"restoration": rest.detach()}
+        feats = self.features(torch.cat([a, b] + ([damaged] if damaged is not None else [])))
+        loss, logs = self.gemini(a, b, feats[:p], feats[p:2 * p])
+        logs = dict(logs)
+        if damaged is not None:
+            rest = restoration_loss(self.restoration_head(feats[2 * p:]), target)
+            loss = loss + RESTORATION_WEIGHT * rest
+            logs["restoration"] = rest.detach()
+        return loss, logs
+
+
+class GeminiPretrainer:
+    """Builds everything from the plans, then `run()` trains. One instance per rank."""
+
+    def __init__(self, options: PretrainOptions, rank: int = 0, world_size: int = 1, local_rank: int = 0):
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        self.options = options
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0
+        self.dataset_name = datasets.resolve_dataset(options.dataset)
+        plans_file = datasets.require_planned(self.dataset_name, options.plans, options.configuration)
+        self.plans_manager = PlansManager(plans_file)
+        self.configuration_manager = self.plans_manager.get_configuration(options.configuration)
+        if options.patch_size:
+            self.configuration_manager.configuration["patch_size"] = [int(x) for x in options.patch_size]
+        self.dataset_json = datasets.load_json(os.path.join(os.path.dirname(plans_file), "dataset.json"))
+        self.num_input_channels = int(determine_num_input_channels(
+            self.plans_manager, self.configuration_manager, self.dataset_json))
+        self.num_output_channels = int(
+            self.plans_manager.get_label_manager(self.dataset_json).num_segmentation_heads)
+        self.output_dir = options.output_dir or pretrain_output_dir(
+            self.dataset_name, options.plans, options.configuration)
+        if options.restoration_mode not in RESTORATION_MODES:
+            raise GeminiUserError(f"restoration mode {options.restoration_mode!r} is not one of "
+                                  f"{RESTORATION_MODES}")
+        self.device = self._device(options.device, local_rank)
+        self.use_amp = self.device.type == "cuda"
+        total_pairs = options.batch_size or max(1, int(self.configuration_manager.batch_size) // 2)
+        if total_pairs < world_size:
+            raise GeminiUserError(f"--batch_size {total_pairs} pairs cannot be split over {world_size} "
+                                  f"processes: use --batch_size >= {world_size} or fewer -num_gpus.")
+        self.total_pairs = total_pairs
+        # nnU-Net's split: the remainder goes to the first ranks
+        self.pairs_per_rank = total_pairs // world_size + (1 if rank < total_pairs % world_size else 0)
+        self.logger = PretrainLogger(self.output_dir, enabled=self.is_main)
+        self.epoch = 0        # completed epochs
+        self.iteration = 0    # completed (attempted) iterations, over all epochs
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+
+    @staticmethod
+    def _device(name: str, local_rank: int) -> torch.device:
+        if name == "cuda":
+            if not torch.cuda.is_available():
+                raise GeminiUserError("-device cuda but no CUDA GPU is visible: use -device cpu (slow) or "
+                                      "run on a machine with a GPU.")
+            torch.cuda.set_device(local_rank)
+            return torch.device("cuda", local_rank)
+        if name == "mps":
+            if not torch.backends.mps.is_available():
+                raise GeminiUserError("-device mps but MPS is not available: use -device cpu.")
+            return torch.device("mps")
+        if name != "cpu":
+            raise GeminiUserError(f"-device {name!r} is not one of cuda, cpu, mps.")
+        return torch.device("cpu")
+
+    # ------------------------------------------------------------------------------------ setup
+    def compatibility_fields(self) -> Dict:
+        return checkpoints.network_compatibility_fields(self.plans_manager, self.configuration_manager,
+                                                        self.num_input_channels)
+
+    def build(self) -> None:
+        torch.manual_seed(self.options.seed + self.rank)
+        network = build_segmentation_network(self.plans_manager, self.configuration_manager,
+                                             self.num_input_channels, self.num_output_channels,
+                                             enable_deep_supervision=False)
+        for name, p in network.named_parameters():
+            if ".seg_layers." in f".{name}":
+                p.requires_grad_(False)
+        deformer = build_deformer(network)  # the library's measured default resolution
+        # bidirectional follows GeminiStep's default for the model (one pass + inverse for diffeomorphic)
+        gemini = GeminiStep(deformer, deformation=self.options.deformation)
+        head = build_restoration_head(network, self.num_input_channels) if self.options.restoration else None
+        self.model = PretrainModel(network, gemini, head).to(self.device)
+        self.trained_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.trained_parameters, lr=self.options.lr)
+        self.scaler = torch.amp.GradScaler("cuda") if self.use_amp else None
+        self.forward_model = self.model
+        if self.options.compile or os.environ.get("nnUNet_compile", "").lower() in ("1", "true", "t"):
+            if self.device.type == "cuda":
+                self.forward_model = torch.compile(self.model)
+            else:
+                warn_user("torch.compile (--compile / nnUNet_compile) is only used on CUDA; ignored.")
+        if self.world_size > 1:
+            self.forward_model = nn.parallel.DistributedDataParallel(
+                self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                # the separate restoration step leaves the head (or the deformer) unused in a pass
+                find_unused_parameters=self.options.restoration and self.options.restoration_mode == "separate")
+
+    @property
+    def network(self) -> nn.Module:
+        return self.model.network
+
+    def check_before_training(self) -> None:
+        """Fail early: results folder writable with room for a checkpoint, and the network
+        weights load into the downstream network with nnU-Net's own load_pretrained_weights.
+        Runs before any process group exists (nnU-Net's loader maps to CUDA once one does):
+        in run() for a single process, in the launching process for -num_gpus / torchrun."""
+        from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+        build = lambda ds: build_segmentation_network(  # noqa: E731
+            self.plans_manager, self.configuration_manager, self.num_input_channels, self.num_output_channels,
+            enable_deep_supervision=ds)
+        pretrain_network, downstream = build(False), build(True)
+        weights_bytes = checkpoints.state_dict_nbytes(pretrain_network.state_dict()) + \
+            checkpoints.state_dict_nbytes(build_deformer(pretrain_network).state_dict())
+        # weights + two Adam moments, and the previous file beside the temporary one
+        checkpoints.check_free_disk_and_writable(self.output_dir, 6 * weights_bytes + 2 ** 20)
+        with tempfile.TemporaryDirectory(dir=self.output_dir, prefix=checkpoints.TMP_PREFIX) as tmp:
+            path = os.path.join(tmp, "network_weights.pth")
+            torch.save({"network_weights": _to_cpu(pretrain_network.state_dict())}, path)
+            try:
+                with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+                    load_pretrained_weights(downstream, path)
+            except (AssertionError, RuntimeError, KeyError) as e:
+                raise GeminiUserError(
+                    f"the pre-training network's weights do not load into the network "
+                    f"nnUNetv2_train builds for {self.dataset_name} ({self.options.plans}, "
+                    f"{self.options.configuration}): {e}. Check the plans file.") from e
+
+    def pool_case_ids(self) -> List[str]:
+        pool_folder = unlabeled.pool_folder_for(self.dataset_name, self.options.plans, self.options.configuration)
+        cases = unlabeled.pool_case_ids(pool_folder)
+        if len(cases) < 2:
+            raise GeminiUserError(f"the unlabelled pool {pool_folder} holds {len(cases)} case(s); GEMINI pairs "
+                                  f"need two different subjects: add images to imagesUnlabeled/ or pass "
+                                  f"--unlabeled_dir.")
+        return cases
+
+    def build_loader(self, seed: int):
+        """Pair batches for this rank: nnU-Net's augmenter infrastructure, background workers as
+        nnU-Net's training uses them (nnUNet_n_proc_DA)."""
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import ANISO_THRESHOLD
+        from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+        from nnunet_gemini import pairs
+        pool_folder = unlabeled.pool_folder_for(self.dataset_name, self.options.plans, self.options.configuration)
+        self.case_ids = self.pool_case_ids()
+        patch = tuple(int(s) for s in self.configuration_manager.patch_size)
+        # anisotropic 3D patches get nnU-Net's per-slice (dummy 2D) spatial augmentation
+        dummy_2d = len(patch) == 3 and max(patch) / patch[0] > ANISO_THRESHOLD
+        np.random.seed(seed % 2 ** 32)  # the loader draws from numpy's global RNG
+        num_workers = get_allowed_n_proc_DA()  # per process, as nnU-Net counts them
+        return pairs.make_pair_loader(
+            unlabeled.load_pool_dataset(pool_folder, self.case_ids), self.pairs_per_rank, patch,
+            do_dummy_2d_data_aug=dummy_2d, num_workers=max(0, num_workers),
+            pin_memory=self.device.type == "cuda")
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def checkpoint_dict(self) -> Dict:
+        model = self.model
+        return {
+            "gemini_kind": checkpoints.KIND_PRETRAIN,
+            "format_version": FORMAT_VERSION,
+            "network_weights": _to_cpu(model.network.state_dict()),
+            "deformer_weights": _to_cpu(model.gemini.deformer.state_dict()),
+            "restoration_weights": _to_cpu(model.restoration_head.state_dict()) if model.restoration_head else None,
+            "optimizer_state": _to_cpu(self.optimizer.state_dict()),
+            "grad_scaler_state": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.epoch, "iteration": self.iteration,
+            "meta": {
+                "dataset_name": self.dataset_name, "plans_identifier": self.options.plans,
+                "configuration": self.options.configuration, "compat": self.compatibility_fields(),
+                "patch_size": [int(s) for s in self.configuration_manager.patch_size],
+                "spacing": [float(s) for s in self.configuration_manager.spacing],
+                "num_output_channels_at_pretraining": self.num_output_channels,
+                "deformation": self.options.deformation,
+                "deformer": {"resolution": model.gemini.deformer.resolution,
+                             "bidirectional": model.gemini.bidirectional,
+                             "integration_steps": model.gemini.integration_steps,
+                             "ncc_window": model.gemini.ncc_window},
+                "unlabeled_cases": list(self.case_ids), "versions": _package_versions(),
+                "iterations": self.iteration, "world_size": self.world_size,
+                "options": {k: (list(v) if isinstance(v, (list, tuple)) else v)
+                            for k, v in asdict(self.options).items()},
+            },
+            "logging": {"epochs": self.logger.state_dict(), "nonfinite_total": self.nonfinite_total},
+        }
+
+    def save_checkpoint(self, name: str) -> str:
+        path = os.path.join(self.output_dir, name)
+        if self.is_main:
+            checkpoints.atomic_torch_save(self.checkpoint_dict(), path)
+        return path
+
+    def resume(self) -> bool:
+        """--c: restore from checkpoint_latest.pth (or checkpoint_final.pth); False if neither."""
+        path = next((os.path.join(self.output_dir, n) for n in (LATEST_CHECKPOINT, FINAL_CHECKPOINT)
+                     if os.path.isfile(os.path.join(self.output_dir, n))), None)
+        if path is None:
+            if self.is_main:
+                warn_user(f"--c: no {LATEST_CHECKPOINT} or {FINAL_CHECKPOINT} in {self.output_dir}; "
+                          f"starting a new pre-training.")
+            return False
+        ckpt = checkpoints.load_our_checkpoint(path, checkpoints.KIND_PRETRAIN)
+        meta = ckpt["meta"]
+        for w in checkpoints.check_compatibility(meta["compat"], self.compatibility_fields(), path):
+            raise GeminiUserError(f"--c: {w} Resume with the plans the run started with, or start a new "
+                                  f"run without --c (or another -o).")
+        if meta["deformation"] != self.options.deformation:
+            raise GeminiUserError(f"--c: {path} was trained with --deformation {meta['deformation']}, not "
+                                  f"{self.options.deformation}: pass --deformation {meta['deformation']}.")
+        had_restoration = ckpt["restoration_weights"] is not None
+        if had_restoration != self.options.restoration:
+            raise GeminiUserError(f"--c: {path} was trained {'with' if had_restoration else 'without'} restoration; "
+                                  f"{'drop' if had_restoration else 'add'} --no_restoration to resume it.")
+        self.model.network.load_state_dict(ckpt["network_weights"])
+        self.model.gemini.deformer.load_state_dict(ckpt["deformer_weights"])
+        if self.model.restoration_head is not None:
+            self.model.restoration_head.load_state_dict(ckpt["restoration_weights"])
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.options.lr  # the lr of this call wins (constant schedule)
+        if self.scaler is not None and ckpt.get("grad_scaler_state"):
+            self.scaler.load_state_dict(ckpt["grad_scaler_state"])
+        self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
+        self.logger.load_state_dict(ckpt["logging"]["epochs"])
+        self.nonfinite_total = int(ckpt["logging"].get("nonfinite_total", 0))
+        self.logger.log(f"Resumed from {path}: {self.epoch} epoch(s), {self.iteration} iteration(s) done.")
+        return True
+
+    # ---------------------------------------------------------------------------------- training
+    def _damage(self, a: torch.Tensor):
+        """(network input in a's intensity range, [0, 1] target) of the Models Genesis damage."""
+        damaged01, target = models_genesis_damage(a.float(), generator=self.damage_generator)
+        dims = tuple(range(2, a.ndim))
+        lo, hi = a.float().amin(dim=dims, keepdim=True), a.float().amax(dim=dims, keepdim=True)
+        return (damaged01 * (hi - lo) + lo).to(a.dtype), target
+
+    def _inject_nonfinite(self) -> bool:
+        first, later = self.nonfinite_at
+        return first is not None and (self.iteration == first or (later and self.iteration > first))
+
+    def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0
+
+    def _optimise(self, loss: torch.Tensor) -> bool:
+        """Backward + clipped step unless the loss is non-finite on any rank. The backward runs
+        either way, so DDP's gradient reduction stays in step on all ranks."""
+        finite = self._all_ranks_finite(loss)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        if finite:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.trained_parameters, GRAD_CLIP)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return finite
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, enabled=self.use_amp)
+
+    def train_step(self, batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        a = batch["a"].to(self.device, non_blocking=True)
+        b = batch["b"].to(self.device, non_blocking=True)
+        damaged = target = None
+        if self.options.restoration:
+            damaged, target = self._damage(a)
+        poison = float("nan") if self._inject_nonfinite() else 1.0
+        joint = self.options.restoration_mode == "joint"
+        with self._autocast():
+            loss, logs = self.forward_model(a, b, damaged if joint else None, target if joint else None)
+            loss = loss * poison
+        logs["loss"] = loss.detach()
+        finite = self._optimise(loss)
+        if self.options.restoration and not joint:
+            with self._autocast():
+                rest_loss, rest_logs = self.forward_model(a, b, damaged, target, task="restoration")
+                rest_loss = rest_loss * poison
+            finite = self._optimise(rest_loss) and finite
+            logs.update(rest_logs)
+            logs["loss"] = logs["loss"] + rest_loss.detach()
+        values = {k: float(v) for k, v in logs.items()}
+        self.iteration += 1
+        if finite:
+            self.nonfinite_in_row = 0
+            return values
+        self.nonfinite_in_row += 1
+        self.nonfinite_total += 1
+        self.logger.log(f"non-finite loss at iteration {self.iteration - 1} (epoch {self.epoch}); update "
+                        f"skipped ({self.nonfinite_in_row} in a row, {self.nonfinite_total} in total)")
+        if self.nonfinite_in_row >= self.options.max_nonfinite:
+            raise GeminiUserError(
+                f"{self.nonfinite_in_row} non-finite losses in a row (iterations "
+                f"{self.iteration - self.nonfinite_in_row}..{self.iteration - 1}); training stopped. "
+                f"The last good state is {os.path.join(self.output_dir, LATEST_CHECKPOINT)}: lower --lr, "
+                f"check the pool images for extreme values, or raise --max_nonfinite; resume with --c.")
+        return {}
+
+    @torch.no_grad()
+    def save_examples(self, batch: Dict[str, torch.Tensor]) -> None:
+        """PNGs of one pair (fixed, moving, warped moving, grid) and one restoration."""
+        if not self.is_main:
+            return
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            a = batch["a"][:1].to(self.device).float()
+            b = batch["b"][:1].to(self.device).float()
+            feats = model.features(torch.cat([a, b]))
+            disp_ab = model.gemini.fields(feats[:1], feats[1:2])[0]
+            tag = f"epoch_{self.epoch:04d}"
+            save_pair_figure(os.path.join(self.output_dir, f"example_pair_{tag}.png"), b[0].cpu().numpy(),
+                             a[0].cpu().numpy(), warp(a, disp_ab)[0].cpu().numpy(), disp_ab[0].cpu().numpy())
+            if model.restoration_head is not None:
+                damaged, target = self._damage(a)
+                restored = model.restoration_head(model.features(damaged))
+                save_restoration_figure(
+                    os.path.join(self.output_dir, f"example_restoration_{tag}.png"),
+                    ((damaged - damaged.amin()) / (damaged.amax() - damaged.amin()).clamp_min(1e-8))[0].cpu().numpy(),
+                    restored[0].float().cpu().numpy(), target[0].cpu().numpy())
+        finally:
+            model.train(was_training)
+
+    def log_options(self) -> None:
+        o = self.options
+        self.logger.log(f"GEMINI pre-training of {self.dataset_name}, plans {o.plans}, configuration "
+                        f"{o.configuration}; output {self.output_dir}")
+        self.logger.log(f"pool: {len(self.case_ids)} unlabelled case(s); "
+                        f"patch {list(self.configuration_manager.patch_size)}; "
+                        f"{self.total_pairs} pair(s)/iteration over {self.world_size} process(es); "
+                        f"{o.epochs} epochs x {o.iters_per_epoch} iterations; Adam lr {o.lr}; deformation "
+                        f"{o.deformation}; restoration {'off' if not o.restoration else o.restoration_mode}; "
+                        f"device {self.device}; mixed precision {self.use_amp}")
+
+    def run(self) -> str:
+        """Train to options.epochs; returns the path of checkpoint_final.pth."""
+        self.nonfinite_at = nonfinite_injection_iterations()
+        self.build()
+        self.case_ids = self.pool_case_ids()
+        if self.options.continue_training:
+            self.resume()
+        if not dist.is_initialized():
+            self.check_before_training()
+        self.damage_generator = torch.Generator(device=self.device)
+        self.damage_generator.manual_seed(self.options.seed + 7919 * self.rank + self.epoch)
+        loader = self.build_loader(seed=self.options.seed + 1000 * self.epoch + 100003 * self.rank)
+        self.log_options()
+        self.model.train()
+        batch = None
+        try:
+            while self.epoch < self.options.epochs:
+                start = time.time()
+                self.logger.log(f"Epoch {self.epoch}")
+                iterations = range(self.options.iters_per_epoch)
+                if self.is_main and is_interactive():
+                    from tqdm import tqdm
+                    iterations = tqdm(iterations, desc=f"epoch {self.epoch}", leave=False)
+                for _ in iterations:
+                    batch = next(loader)
+                    self.logger.add_iteration(self.train_step(batch))
+                self.epoch += 1
+                means = self.logger.end_epoch({"epoch_time_s": time.time() - start,
+                                               "lr": self.optimizer.param_groups[0]["lr"]})
+                self.logger.log("  ".join(f"{k} {means[k]:.4f}" for k in
+                                          ("loss", "total", "appearance", "semantic", "smoothness",
+                                           "restoration", "ncc", "folding_fraction", "epoch_time_s")
+                                          if k in means and math.isfinite(means[k])))
+                last = self.epoch == self.options.epochs
+                if self.epoch % self.options.save_every == 0 or last:
+                    self.save_checkpoint(LATEST_CHECKPOINT)
+                if self.is_main:
+                    self.logger.plot_progress(os.path.join(self.output_dir, "progress.png"))
+                    if self.epoch % self.options.example_every == 0 or last or self.epoch == 1:
+                        self.save_examples(batch)
+            final = self.save_checkpoint(FINAL_CHECKPOINT)
+            self.logger.log(f"Pre-training done: {self.iteration} iterations; {final}")
+            return final
+        finally:
+            self.model.tap.close()
+            shutdown = getattr(loader, "_finish", None)
+            if callable(shutdown):
+                shutdown()
