@@ -18,15 +18,16 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from nnunet_gemini.gemini_step import GeminiStep  # noqa: E402
 from nnunet_gemini.heads import Deformer, build_deformer  # noqa: E402
 from nnunet_gemini.losses import GeminiWeights, gemini_loss  # noqa: E402
 from nnunet_gemini.network import DecoderFeatureTap, build_segmentation_network  # noqa: E402
-from nnunet_gemini.registration import integrate_velocity, warp  # noqa: E402
+from nnunet_gemini.registration import integrate_velocity  # noqa: E402
+from synthetic_pairs import synthetic_pair  # noqa: E402
 
 OPTIONS = [("full", True), ("full", False), ("half", True), ("half", False)]
 
@@ -105,23 +106,6 @@ def bench_speed(net, patch, device, repeats):
 
 
 # ----------------------------------------------------------------------------- quality
-def _blur(x, sigma):
-    r = int(3 * sigma)
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
-
-
-def synthetic_pair(size, max_disp=3.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    a = _blur(torch.randn(1, 1, size, size, generator=g), 2.0)
-    a = (a - a.mean()) / a.std()
-    u = F.interpolate(torch.randn(1, 2, 4, 4, generator=g), size=(size, size), mode="bicubic", align_corners=True)
-    u = u * (max_disp / u.norm(dim=1).max())
-    return a, warp(a, u), u
-
-
 def bench_quality(size, steps, seeds):
     ops = dict(conv_op=nn.Conv2d, norm_op=nn.InstanceNorm2d, norm_op_kwargs={"eps": 1e-5, "affine": True},
                nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})

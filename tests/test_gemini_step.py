@@ -11,7 +11,8 @@ from nnunet_gemini.gemini_step import GeminiStep, from_options
 from nnunet_gemini.heads import Deformer, build_deformer
 from nnunet_gemini.losses import GeminiWeights
 from nnunet_gemini.network import DecoderFeatureTap
-from nnunet_gemini.registration import compose, warp
+from nnunet_gemini.registration import compose
+from synthetic_pairs import synthetic_pair
 
 OPS_2D = dict(conv_op=nn.Conv2d, norm_op=nn.InstanceNorm2d, norm_op_kwargs={"eps": 1e-5, "affine": True},
               nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
@@ -140,26 +141,6 @@ def test_options_and_user_errors():
         from_options(deformer, {"temperature": 0.1})
     with pytest.raises(GeminiUserError, match="unknown GEMINI weight"):
         from_options(deformer, {"weights": {"contrast": 1.0}})
-
-
-def _blur(x, sigma):
-    r = int(3 * sigma)
-    t = torch.arange(-r, r + 1, dtype=torch.float32)
-    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
-
-
-def synthetic_pair(size=64, max_disp=3.0, seed=0):
-    """Smooth random texture A, smooth random displacement u (|u| <= max_disp voxels),
-    B = warp(A, u): the ideal u_AB is u."""
-    g = torch.Generator().manual_seed(seed)
-    a = _blur(torch.randn(1, 1, size, size, generator=g), 2.0)
-    a = (a - a.mean()) / a.std()
-    u = F.interpolate(torch.randn(1, 2, 4, 4, generator=g), size=(size, size), mode="bicubic", align_corners=True)
-    u = u * (max_disp / u.norm(dim=1).max())
-    return a, warp(a, u), u
 
 
 # the default (half, one direction) and both directions; full resolution costs more CPU and is
