@@ -175,21 +175,30 @@ def check_compatibility(ckpt_fields: Dict[str, Any], expected_fields: Dict[str, 
     return warnings
 
 
-def check_free_disk_and_writable(folder: str, needed_bytes: int) -> None:
-    """Before training: the output folder must be writable and hold at least needed_bytes."""
+OTHER_FOLDER_FLAG = "choose another folder with -o"
+
+
+def require_writable_folder(folder: str, remedy: str = OTHER_FOLDER_FLAG) -> None:
+    """Create `folder` if needed and prove a file can be written in it (GeminiUserError if not)."""
     try:
         os.makedirs(folder, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise GeminiUserError(f"output folder {folder} is not writable ({e.strerror}): choose "
-                              f"another folder with -o or fix its permissions.") from e
+        raise GeminiUserError(f"output folder {folder} is not writable ({e.strerror}): {remedy} "
+                              f"or fix its permissions.") from e
+
+
+def check_free_disk_and_writable(folder: str, needed_bytes: int, remedy: str = OTHER_FOLDER_FLAG) -> None:
+    """Before training: the output folder must be writable and hold at least needed_bytes.
+    `remedy` says how to pick another folder (our CLIs: -o; nnU-Net trainers: nnUNet_results)."""
+    require_writable_folder(folder, remedy)
     free = shutil.disk_usage(folder).free
     if free < needed_bytes:
         raise GeminiUserError(
             f"not enough free disk in {folder}: {free / 2**20:.1f} MiB free, one checkpoint needs "
-            f"about {needed_bytes / 2**20:.1f} MiB. Free space or choose another folder with -o.")
+            f"about {needed_bytes / 2**20:.1f} MiB. Free space or {remedy}.")
 
 
 def state_dict_nbytes(state_dict: Dict[str, torch.Tensor]) -> int:

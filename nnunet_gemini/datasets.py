@@ -47,19 +47,28 @@ def resolve_dataset(dataset_name_or_id) -> str:
     """'DatasetXXX_Name' for an id (int or digits) or a name, looked up in the nnUNet_* folders."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     try:
-        return str(maybe_convert_to_dataset_name(dataset_name_or_id))
+        name = str(maybe_convert_to_dataset_name(dataset_name_or_id))
     except (RuntimeError, ValueError) as e:
-        looked = ", ".join(f"{v}={os.environ.get(v) or '<unset>'}" for v in ENV_FOLDERS)
-        raise GeminiUserError(
-            f"dataset {dataset_name_or_id!r} not found (looked for a Dataset"
-            f"{_as_id_text(dataset_name_or_id)}_* folder in {looked}): pass -d with an existing "
-            f"dataset id or name, or fix the nnUNet_* variables. nnU-Net said: "
-            f"{str(e).splitlines()[0]}") from None
+        raise _dataset_not_found(dataset_name_or_id, str(e).splitlines()[0]) from None
+    # nnU-Net returns a 'DatasetXXX_Name' unchecked: a mistyped name must fail here, not later
+    # as "not planned" with advice to plan a dataset that does not exist
+    if not any(os.path.isdir(os.path.join(os.environ[v], name)) for v in ENV_FOLDERS
+               if os.environ.get(v)):
+        raise _dataset_not_found(name)
+    return name
 
 
-def _as_id_text(dataset_name_or_id) -> str:
+def _dataset_not_found(dataset_name_or_id, nnunet_said: str = "") -> GeminiUserError:
+    looked = ", ".join(f"{v}={os.environ.get(v) or '<unset>'}" for v in ENV_FOLDERS)
+    return GeminiUserError(
+        f"dataset {dataset_name_or_id!r} not found (looked for a {_folder_pattern(dataset_name_or_id)} "
+        f"folder in {looked}): pass -d with an existing dataset id or name, or fix the nnUNet_* "
+        f"variables." + (f" nnU-Net said: {nnunet_said}" if nnunet_said else ""))
+
+
+def _folder_pattern(dataset_name_or_id) -> str:
     try:
-        return "%03d" % int(dataset_name_or_id)
+        return "Dataset%03d_*" % int(dataset_name_or_id)
     except (TypeError, ValueError):
         return str(dataset_name_or_id)
 

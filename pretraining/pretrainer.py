@@ -206,6 +206,8 @@ class GeminiPretrainer:
         self.total_pairs = total_pairs
         # nnU-Net's split: the remainder goes to the first ranks
         self.pairs_per_rank = total_pairs // world_size + (1 if rank < total_pairs % world_size else 0)
+        if self.is_main:  # the log file goes there at once: a bad -o must be an error, not a traceback
+            checkpoints.require_writable_folder(self.output_dir)
         self.logger = PretrainLogger(self.output_dir, enabled=self.is_main)
         self.epoch = 0        # completed epochs
         self.iteration = 0    # completed (attempted) iterations, over all epochs

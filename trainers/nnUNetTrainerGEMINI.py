@@ -225,9 +225,23 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
 
     def on_train_start(self):
         super().on_train_start()
+        self._check_room_for_a_checkpoint()
         self._log_weights_in_use()
         if self.gemini_semi_supervised:
             self.pair_loader = self._start_pair_loader()
+
+    def _check_room_for_a_checkpoint(self) -> None:
+        """Fail before the first epoch, not at the first save hours later: the fold folder must be
+        writable with room for one checkpoint (weights + SGD momentum of network and deformer,
+        twice: the previous file stays until the new one is renamed over it)."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return
+        from nnunet_gemini.checkpoints import check_free_disk_and_writable, state_dict_nbytes
+        weights = state_dict_nbytes(self._plain_network().state_dict())
+        if self.gemini_deformer is not None:
+            weights += state_dict_nbytes(self.gemini_deformer.state_dict())
+        check_free_disk_and_writable(self.output_folder, 4 * weights + 2 ** 20,
+                                     remedy="export nnUNet_results to another folder")
 
     def _log_weights_in_use(self) -> None:
         replaced = _state_fingerprint(self._plain_network()) != self._network_fingerprint
