@@ -330,3 +330,29 @@ def test_continue_from_a_checkpoint_without_deformer_is_refused(api_env, tmp_pat
     trainer = make_trainer("nnUNetTrainerGEMINI_NoPretrain", demo, env, continue_training=True)
     with pytest.raises(GeminiUserError, match="no GEMINI deformer state"):
         trainer.load_checkpoint(path)
+
+
+def test_find_best_configuration_and_ensembling_accept_our_results(demo_copy, tmp_path):
+    """nnU-Net's model-selection and ensembling tools work on an nnUNetTrainerGEMINI results folder
+    (integer folds from gemini_fewshot_split: the 4-case demo is too small for nnU-Net's 5 folds)."""
+    demo, env = demo_copy
+    env = dict(env, nnUNet_results=str(tmp_path / "results"))
+    run_command([sys.executable, "-m", "nnunet_gemini.fewshot_split", "-d", str(demo.dataset_id), "-n", "2",
+                 "--draws", "1", "--overwrite"], env)
+    run_command(["nnUNetv2_train", str(demo.dataset_id), "3d_fullres", "0", "-tr", "nnUNetTrainerGEMINI",
+                 "-device", "cpu", "--npz"], env)
+    run_command(["nnUNetv2_find_best_configuration", str(demo.dataset_id), "-c", "3d_fullres",
+                 "-tr", "nnUNetTrainerGEMINI", "-f", "0", "--disable_ensembling", "-np", "1"], env)
+    instructions = os.path.join(env["nnUNet_results"], demo.dataset_name, "inference_instructions.txt")
+    assert "nnUNetTrainerGEMINI" in open(instructions).read()
+
+    predicted = tmp_path / "predicted"
+    run_command(["nnUNetv2_predict", "-i", os.path.join(env["nnUNet_raw"], demo.dataset_name, "imagesTs"),
+                 "-o", str(predicted), "-d", str(demo.dataset_id), "-c", "3d_fullres", "-f", "0",
+                 "-tr", "nnUNetTrainerGEMINI", "-device", "cpu", "-npp", "1", "-nps", "1", "--save_probabilities"],
+                env)
+    out = tmp_path / "ensemble"
+    run_command(["nnUNetv2_ensemble", "-i", str(predicted), str(predicted), "-o", str(out), "-np", "1"], env)
+    ensembled = sorted(f for f in os.listdir(out) if f.endswith(".nii.gz"))
+    assert ensembled == sorted(f for f in os.listdir(predicted) if f.endswith(".nii.gz"))
+    assert len(ensembled) == DEMO_CASES["test"]
