@@ -273,6 +273,21 @@ def test_one_step_trains_network_and_deformer_and_supervised_loss_sees_only_labe
     assert trainer.optimizer.param_groups[0]["params"][-1] is list(trainer.gemini_deformer.parameters())[-1]
 
 
+def test_out_of_memory_names_the_unlabelled_batch_setting(started_trainer):
+    import torch
+    trainer = started_trainer
+
+    def oom(module, args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    hook = trainer.network.register_forward_pre_hook(oom)
+    try:
+        with pytest.raises(torch.OutOfMemoryError, match="nnUNet_gemini_unlabeled_batch=N"):
+            trainer.train_step(next(trainer.dataloader_train))
+    finally:
+        hook.remove()
+
+
 def test_nonfinite_loss_skips_the_update_then_stops(started_trainer, monkeypatch):
     from nnunet_gemini.errors import GeminiUserError
     from nnunet_gemini.trainers.nnUNetTrainerGEMINI import TEST_NONFINITE_ENV
