@@ -27,3 +27,8 @@ def test_gemini_demo_smoke_budget_runs_every_stage_and_reports_dice(tmp_path):
     assert len(preds) == 2
     assert os.path.isfile(os.path.join(report["outputs"]["pretraining"], "checkpoint_final.pth"))
     assert os.path.isfile(os.path.join(report["outputs"]["training"], "checkpoint_final.pth"))
+    # the automatic pre-trained start, through the real nnUNetv2_train
+    train_log = next(f for f in os.listdir(report["outputs"]["training"]) if f.startswith("training_log_"))
+    text = open(os.path.join(report["outputs"]["training"], train_log)).read()
+    assert "Loaded the gemini_pretrain checkpoint" in text
+    assert os.path.join(report["outputs"]["pretraining"], "checkpoint_final.pth") in text
