@@ -32,7 +32,7 @@ from nnunet_gemini.workflow import NNUNET_VARS, StageRunner, default_device, sco
 # Iteration counts per budget (epochs x iterations per epoch; val = validation iterations per epoch).
 # quick was meant to fit the default matrix in about two hours on a 2-core CPU; measured on a loaded
 # 2-core CPU (demo plans, patch 40x48x48) pre-training ran at ~14 s/iteration and GEMINI training at
-# ~10 s/iteration, so there the default matrix takes many hours: narrow it (--n/--draws/--methods) or use a GPU.
+# 8-20 s/iteration (baseline 7-11 s), so there the default matrix takes many hours: narrow it (--n/--draws/--methods) or use a GPU.
 BUDGETS = {
     "quick": dict(pretrain_epochs=10, pretrain_iters=20, train_epochs=4, train_iters=25, val_iters=2, tta=False),
     "standard": dict(pretrain_epochs=50, pretrain_iters=100, train_epochs=50, train_iters=100, val_iters=10,
