@@ -185,7 +185,8 @@ def load_from_trainer_results(dataset: str, configuration: str = "3d_fullres", p
     deformation = deformation or ours.get("deformation") or "diffeomorphic"
     return _build_model(plans_dict, dataset_json, configuration, ckpt["network_weights"],
                         ours.get("deformer_weights"), deformation,
-                        _buildable_options(ours.get("deformer") or {}), int(ours.get("integration_steps", 7)),
+                        _buildable_options(ours.get("deformer") or {}),
+                        int((ours.get("deformer") or {}).get("integration_steps", 7)),
                         _device(device) if not hasattr(device, "type") else device, f"results {path}")
 
 

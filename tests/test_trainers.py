@@ -115,6 +115,9 @@ def test_cli_train_3d_runs_to_final_validation_and_predicts(demo_copy, tmp_path)
     import torch
     ckpt = torch.load(os.path.join(fold_dir, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     assert ckpt["gemini"]["deformer_weights"]  # deformer saved beside the plain network
+    # what gemini_register needs to rebuild the deformer
+    assert ckpt["gemini"]["deformation"] == "diffeomorphic"
+    assert ckpt["gemini"]["deformer"] == {"resolution": "half", "bidirectional": False, "integration_steps": 7}
     assert not any(k.startswith(("deformer", "gemini")) for k in ckpt["network_weights"])
     assert len(ckpt["logging"]["gemini_total"]) == 1 and np.isfinite(ckpt["logging"]["gemini_total"][0])
 

@@ -442,6 +442,12 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
             CHECKPOINT_KEY: {
                 'deformer_weights': self.gemini_deformer.state_dict() if self.gemini_deformer is not None
                 else None,
+                # how to rebuild the deformer (gemini_register reads these; same keys as the pre-training meta)
+                'deformation': self.gemini_deformation,
+                'deformer': {'resolution': self.deformer_resolution,
+                             'bidirectional': self.gemini_step.bidirectional if self.gemini_step is not None
+                             else self.gemini_bidirectional,
+                             'integration_steps': self.gemini_integration_steps},
                 'pretrained_source': self.pretrained_source,
                 'global_iteration': self.global_iteration,
                 'nonfinite_skipped_total': self.nonfinite_skipped_total,
