@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from nnunet_gemini.errors import GeminiUserError, run_cli
-from nnunet_gemini.workflow import NNUNET_VARS, StageRunner, default_device, score_predictions
+from nnunet_gemini.workflow import StageRunner, default_device, nnunet_folders, score_predictions
 
 # Iteration counts per budget (epochs x iterations per epoch; val = validation iterations per epoch).
 # quick was meant to fit the default matrix in about two hours on a 2-core CPU; measured on a loaded
@@ -380,13 +380,6 @@ def _plot(table, refs, ns, path: Path, results: dict) -> None:
 
 
 # ---------------------------------------------------------------------- CLI
-def _folders(out_dir: Path, use_env: bool) -> dict:
-    """The user's nnUNet_* folders when all three are set, else folders inside OUT_DIR."""
-    if use_env and all(os.environ.get(v) for v in NNUNET_VARS):
-        return {v: os.environ[v] for v in NNUNET_VARS}
-    return {v: str(out_dir / v) for v in NNUNET_VARS}
-
-
 def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(
@@ -419,7 +412,7 @@ def _main(argv=None) -> int:
     if a.draws < 1 or min(a.n) < 1 or any(v is not None and v < 1 for v in overrides):
         raise GeminiUserError("--n, --draws, --reference_iters and the budget overrides must be positive")
     out = Path(a.o).resolve()
-    folders = _folders(out, use_env=not a.own_nnunet_folders)
+    folders = nnunet_folders(out, use_env=not a.own_nnunet_folders)
     for f in folders.values():
         os.makedirs(f, exist_ok=True)
     bench = Benchmark(a, out, folders)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from nnunet_gemini.errors import run_cli
-from nnunet_gemini.workflow import NNUNET_VARS, StageRunner, default_device, score_predictions
+from nnunet_gemini.workflow import StageRunner, default_device, nnunet_folders, score_predictions
 
 # Iteration counts per budget. smoke: checks an installation (results meaningless);
 # quick: 8 min 46 s end to end measured on an idle 2-core CPU (4x10 + 6x10 took 13.5 min).
@@ -30,14 +30,6 @@ def _budget_help() -> str:
     return "; ".join(
         f"{name}: pre-train {b['pretrain_epochs']}x{b['pretrain_iters']} it, "
         f"train {b['train_epochs']}x{b['train_iters']} it" for name, b in BUDGETS.items())
-
-
-def _folders(work_dir: str | None) -> dict:
-    """The user's nnUNet_* folders when all three are set (and no --work_dir), else a work folder."""
-    if work_dir is None and all(os.environ.get(v) for v in NNUNET_VARS):
-        return {v: os.environ[v] for v in NNUNET_VARS}
-    root = Path(work_dir or "gemini_demo_work").resolve()
-    return {v: str(root / v) for v in NNUNET_VARS}
 
 
 def _main(argv=None) -> int:
@@ -59,7 +51,7 @@ def _main(argv=None) -> int:
     a = p.parse_args(argv)
     device = a.device or default_device()
     budget = BUDGETS[a.budget]
-    folders = _folders(a.work_dir)
+    folders = nnunet_folders(Path(a.work_dir or "gemini_demo_work").resolve(), use_env=a.work_dir is None)
     for f in folders.values():
         os.makedirs(f, exist_ok=True)
     env = dict(os.environ, **folders)

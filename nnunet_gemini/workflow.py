@@ -17,6 +17,13 @@ OUR_MODULES = {"gemini_demo_dataset": "nnunet_gemini.demo_data",
                "gemini_pretrain": "nnunet_gemini.pretraining.run_pretraining"}
 
 
+def nnunet_folders(fallback_root: Path, use_env: bool) -> Dict[str, str]:
+    """The user's nnUNet_* folders when `use_env` and all three are set, else folders under fallback_root."""
+    if use_env and all(os.environ.get(v) for v in NNUNET_VARS):
+        return {v: os.environ[v] for v in NNUNET_VARS}
+    return {v: str(Path(fallback_root) / v) for v in NNUNET_VARS}
+
+
 def default_device() -> str:
     try:
         import torch
