@@ -72,9 +72,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--window", type=int, default=9)
     parser.add_argument("--cpu-only", action="store_true")
+    parser.add_argument("--cuda-only", action="store_true")
     parser.add_argument("--sizes", type=int, nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
     args = parser.parse_args()
-    devices = [torch.device("cpu")]
+    devices = [] if args.cuda_only else [torch.device("cpu")]
     if torch.cuda.is_available() and not args.cpu_only:
         devices.append(torch.device("cuda"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads", flush=True)
