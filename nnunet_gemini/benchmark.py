@@ -30,11 +30,13 @@ from nnunet_gemini.errors import GeminiUserError, run_cli
 from nnunet_gemini.workflow import StageRunner, default_device, nnunet_folders, score_predictions
 
 # Iteration counts per budget (epochs x iterations per epoch; val = validation iterations per epoch).
-# quick was meant to fit the default matrix in about two hours on a 2-core CPU; measured on a loaded
-# 2-core CPU (demo plans, patch 40x48x48) pre-training ran at ~14 s/iteration and GEMINI training at
-# 8-20 s/iteration (baseline 7-11 s), so there the default matrix takes many hours: narrow it (--n/--draws/--methods) or use a GPU.
+# quick fits the default matrix (3 N x 3 draws x 4 methods + the two pre-trainings) in about two hours
+# on an idle 2-core CPU: measured idle (demo plans, patch 40x48x48) pre-training ~5 s/it, GEMINI
+# training ~5.5 s/it, a run's fixed cost ~60 s (start-up + predicting imagesTs; nnU-Net's final
+# validation is skipped, nnUNet_gemini_final_validation=0). Such short trainings measure the
+# head start a method gives, not where it converges: use standard/paper (or a GPU) for that.
 BUDGETS = {
-    "quick": dict(pretrain_epochs=10, pretrain_iters=20, train_epochs=4, train_iters=25, val_iters=2, tta=False),
+    "quick": dict(pretrain_epochs=4, pretrain_iters=25, train_epochs=2, train_iters=10, val_iters=1, tta=False),
     "standard": dict(pretrain_epochs=50, pretrain_iters=100, train_epochs=50, train_iters=100, val_iters=10,
                      tta=True),
     "paper": dict(pretrain_epochs=800, pretrain_iters=250, train_epochs=1000, train_iters=250, val_iters=50,
@@ -185,7 +187,8 @@ class Benchmark:
         results_dir = self.folders["nnUNet_results"] if not reference else str(self.out / "nnUNet_results_reference")
         env = {"nnUNet_results": results_dir, "nnUNet_gemini_num_epochs": str(epochs),
                "nnUNet_gemini_iters_per_epoch": str(self.budget["train_iters"]),
-               "nnUNet_gemini_val_iters": str(self.budget["val_iters"])}
+               "nnUNet_gemini_val_iters": str(self.budget["val_iters"]),
+               "nnUNet_gemini_final_validation": "0"}  # scored on imagesTs; nnU-Net's validation is time spent for nothing
         if self.device == "cpu":
             env["nnUNet_n_proc_DA"] = "0"
         train_s = self.run(f"train_{tag}", ["nnUNetv2_train", str(self.dataset_id), CONFIGURATION, str(fold), "-tr",

@@ -1,5 +1,6 @@
 """gemini_benchmark on a tiny matrix (one N, one draw, one iteration, two methods): well-formed
 results.json / results.md / results.png, and a second call redoes nothing that finished."""
+import glob
 import json
 import os
 import shutil
@@ -57,6 +58,13 @@ def test_results_json_table_and_plot(tiny_study):
         assert f"{run['dice_mean']:.3f} ± 0.000 (1)" in row
     assert "N = 3" in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # scored on imagesTs: nnU-Net's final validation was skipped (nnUNet_gemini_final_validation=0)
+    folds = [p for root in (tiny_study["env"]["nnUNet_results"], str(out))
+             for p in glob.glob(os.path.join(root, "**", "*__nnUNetPlans__3d_fullres", "fold_*"), recursive=True)]
+    assert len(folds) == len(METHODS)
+    for fold in folds:
+        assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
+        assert not os.path.exists(os.path.join(fold, "validation"))
 
 
 def test_second_call_redoes_no_finished_run(tiny_study):

@@ -147,6 +147,23 @@ def test_invalid_option_names_the_variable(api_env, monkeypatch):
         make_trainer("nnUNetTrainerGEMINI", demo, env)
 
 
+def test_final_validation_switch_skips_only_when_set(api_env, monkeypatch):
+    """nnUNet_gemini_final_validation=0 (the benchmark sets it) skips nnU-Net's final validation in
+    both our trainers and the budget baseline, with a log line; unset, nnU-Net's runs (and needs an
+    initialised trainer, so it fails on this bare one: proof it was called)."""
+    demo, env = api_env
+    monkeypatch.setenv("nnUNet_gemini_final_validation", "0")
+    for name in ("nnUNetTrainerGEMINI", "nnUNetTrainerEnvBudget"):
+        trainer = make_trainer(name, demo, env)
+        trainer.perform_actual_validation(False)
+        assert not os.path.exists(os.path.join(trainer.output_folder, "validation"))
+        with open(trainer.log_file) as f:
+            assert "final validation skipped" in f.read()
+    monkeypatch.delenv("nnUNet_gemini_final_validation")
+    with pytest.raises(Exception):
+        make_trainer("nnUNetTrainerEnvBudget", demo, env).perform_actual_validation(False)
+
+
 # ------------------------------------------------------------------------------ pre-trained start
 def write_fake_pretrain_checkpoint(demo, env, configuration="2d", **compat_changes):
     """A valid gemini_pretrain checkpoint (pretrained.py schema) with random weights of the right shapes."""

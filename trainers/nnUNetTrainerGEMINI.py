@@ -28,7 +28,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_gemini.errors import GeminiUserError
-from nnunet_gemini.trainers.options import apply_budget, describe, read_env_options
+from nnunet_gemini.trainers.options import apply_budget, describe, perform_final_validation, read_env_options
 from nnunet_gemini.trainers.progress import GEMINI_TERMS, SKIPPED_KEY, GeminiLocalLogger
 
 __all__ = ["nnUNetTrainerGEMINI", "nnUNetTrainerGEMINI_NoPretrain", "nnUNetTrainerGEMINIFinetune",
@@ -300,6 +300,9 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         if self._feature_tap is not None:
             self._feature_tap.close()
             self._feature_tap = None
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        perform_final_validation(self, save_probabilities)  # nnUNet_gemini_final_validation=0 skips it
 
     # ------------------------------------------------------------------ training
     def train_step(self, batch: dict) -> dict:

@@ -24,6 +24,7 @@ class GeminiRunOptions:
     num_epochs: Optional[int] = None     # budget (None: the trainer's own value)
     iters_per_epoch: Optional[int] = None
     val_iters: Optional[int] = None
+    final_validation: bool = True        # 0: skip nnU-Net's validation after training (the benchmark scores imagesTs)
 
 
 def _parse(name: str, raw: str, kind):
@@ -50,7 +51,8 @@ def _parse(name: str, raw: str, kind):
 
 
 _KINDS = {"weight": float, "unlabeled_batch": int, "auto_pretrained": bool, "deformation": str,
-          "max_nonfinite": int, "num_epochs": int, "iters_per_epoch": int, "val_iters": int}
+          "max_nonfinite": int, "num_epochs": int, "iters_per_epoch": int, "val_iters": int,
+          "final_validation": bool}
 
 
 def read_env_options(environ=None) -> GeminiRunOptions:
@@ -84,3 +86,14 @@ def apply_budget(trainer, options: GeminiRunOptions) -> None:
         trainer.num_iterations_per_epoch = options.iters_per_epoch
     if options.val_iters is not None:
         trainer.num_val_iterations_per_epoch = options.val_iters
+
+
+def perform_final_validation(trainer, save_probabilities: bool) -> None:
+    """nnU-Net's final validation unless nnUNet_gemini_final_validation=0 (then one log line, no
+    validation/ folder). Shared by the GEMINI trainers and nnUNetTrainerEnvBudget."""
+    if not read_env_options().final_validation:
+        trainer.print_to_log_file(f"{PREFIX}final_validation=0: final validation skipped (no validation/ folder, "
+                                  f"no summary.json); run nnUNetv2_train ... --val to do it later.")
+        return
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    nnUNetTrainer.perform_actual_validation(trainer, save_probabilities)

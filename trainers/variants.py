@@ -3,7 +3,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_gemini.trainers.nnUNetTrainerGEMINI import (nnUNetTrainerGEMINI, nnUNetTrainerGEMINI_NoPretrain,
                                                         nnUNetTrainerGEMINIFinetune)
-from nnunet_gemini.trainers.options import apply_budget, describe, read_env_options
+from nnunet_gemini.trainers.options import apply_budget, describe, perform_final_validation, read_env_options
 
 
 class nnUNetTrainerEnvBudget(nnUNetTrainer):
@@ -16,6 +16,9 @@ class nnUNetTrainerEnvBudget(nnUNetTrainer):
         self.print_to_log_file(f"{type(self).__name__} options:\n{describe(options)}\n  -> num_epochs "
                                f"{self.num_epochs}, iterations/epoch {self.num_iterations_per_epoch}, val "
                                f"iterations/epoch {self.num_val_iterations_per_epoch}", add_timestamp=False)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        perform_final_validation(self, save_probabilities)  # nnUNet_gemini_final_validation=0 skips it
 
 
 def _length_variant(base, epochs: int):
