@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -374,7 +375,8 @@ def _plot(table, refs, ns, path: Path, results: dict) -> None:
     ax.set_xticklabels([str(n) for n in ns])
     ax.set_xlabel("labelled training cases N")
     ax.set_ylabel("mean foreground test Dice")
-    ax.set_title(f"{results.get('dataset')}, budget {results.get('budget')}, {results.get('device')}", fontsize=9)
+    title = f"{results.get('dataset')}, budget {results.get('budget')}, {results.get('device')}"
+    ax.set_title(textwrap.fill(title, 80), fontsize=8)  # budget overrides make it long: wrap, never clip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
