@@ -372,6 +372,7 @@ def _plot(table, refs, ns, path: Path, results: dict) -> None:
         ax.plot(*zip(*pts), "k--", marker="s", mfc="none", label=f"nnUNetTrainer, {iterations} it (reference)")
     ax.set_xscale("log")
     ax.set_xticks(list(ns))
+    ax.minorticks_off()  # log axis: no "3x10^0" labels between the N ticks
     ax.set_xticklabels([str(n) for n in ns])
     ax.set_xlabel("labelled training cases N")
     ax.set_ylabel("mean foreground test Dice")
