@@ -136,3 +136,30 @@ def test_half_resolution_deformer_gives_full_resolution_field(ndim):
     assert field.shape == (1, ndim, *size)
     head = RestorationHead(ops, in_channels=4, out_channels=3)
     assert head(torch.randn(2, 4, *size)).shape == (2, 3, *size)
+
+
+@pytest.mark.slow
+def test_tap_on_a_torch_compiled_network_matches_eager():
+    """nnU-Net compiles the network in initialize() (default on CUDA) and our trainer registers the
+    tap afterwards: the compiled forward must still feed the hooks, with eager values and gradients.
+    Runs inductor on the CPU (about 30 s of compilation on 2 cores), hence opt-in."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    torch.manual_seed(0)
+    net = PlainConvUNet(1, 3, (8, 16, 32), torch.nn.Conv3d, 3, (1, 2, 2), 2, 2, (2, 2), True,
+                        torch.nn.InstanceNorm3d, {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU,
+                        {"inplace": True}, deep_supervision=True)
+    x = torch.randn(2, 1, 16, 16, 16)
+    eager_tap = DecoderFeatureTap(net)
+    eager_out = net(x)
+    eager_features = eager_tap.pop()
+    eager_tap.close()
+    compiled = torch.compile(net)
+    tap = DecoderFeatureTap(compiled)
+    for _ in range(2):  # the second call runs the cached graph: the hook must still fire
+        out = compiled(x)
+        features = tap.pop()
+        assert features.shape == eager_features.shape
+        assert torch.allclose(features, eager_features, atol=1e-4)
+        assert torch.allclose(out[0], eager_out[0], atol=1e-4)
+    features.sum().backward()
+    assert net.encoder.stages[0][0].convs[0].conv.weight.grad.abs().sum() > 0
