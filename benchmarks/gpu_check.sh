@@ -7,7 +7,12 @@
 #   DEV=cpu SHAPE="24 32 32" SKIP_INSTALL=1 QUICK=1 benchmarks/gpu_check.sh   # dry run of the stages here
 #
 # The device machine has PyTorch but not nnU-Net: .whl/ holds nnunetv2 and its missing dependencies as
-# py3.12 wheels, and .whl/sitk.tar.xz SimpleITK's unpacked wheel (its .whl is too big to carry).
+# py3.12 wheels, and .whl/sitk.tar.xz SimpleITK's unpacked wheel (its .whl is too big to carry). Made here with
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 ...` of
+# nnunetv2==2.8.1 dynamic_network_architectures batchgenerators batchgeneratorsv2 blosc2 ndindex numexpr pydantic
+# pydantic-core annotated-types typing-inspection nibabel connected-components-3d graphviz yacs future unittest2
+# linecache2 traceback2, `pip wheel --no-deps acvl_utils==0.2.6` (sdist only), and for SimpleITK 2.5.7:
+# unzip the wheel into a folder and `tar -C folder -cJf .whl/sitk.tar.xz .` (28.7 MB). .whl/ is git-ignored.
 set -u
 OUT=${OUT:-/tmp/gpu_check_out}; mkdir -p "$OUT"
 DEV=${DEV:-cuda}
