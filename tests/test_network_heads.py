@@ -139,16 +139,14 @@ def test_half_resolution_deformer_gives_full_resolution_field(ndim):
 
 
 @pytest.mark.slow
-def test_tap_on_a_torch_compiled_network_matches_eager():
+def test_tap_on_a_torch_compiled_network_matches_eager(plans_managers):
     """nnU-Net compiles the network in initialize() (default on CUDA) and our trainer registers the
     tap afterwards: the compiled forward must still feed the hooks, with eager values and gradients.
-    Runs inductor on the CPU (about 30 s of compilation on 2 cores), hence opt-in."""
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    Runs inductor on the CPU (compilation takes tens of seconds on 2 cores), hence opt-in."""
+    pm, cm = plans_managers[("nnUNetPlans", "3d_fullres")]
     torch.manual_seed(0)
-    net = PlainConvUNet(1, 3, (8, 16, 32), torch.nn.Conv3d, 3, (1, 2, 2), 2, 2, (2, 2), True,
-                        torch.nn.InstanceNorm3d, {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU,
-                        {"inplace": True}, deep_supervision=True)
-    x = torch.randn(2, 1, 16, 16, 16)
+    net = build_segmentation_network(pm, cm, 1, 2, enable_deep_supervision=True)  # what the trainer compiles
+    x = torch.randn(2, 1, *cm.patch_size)
     eager_tap = DecoderFeatureTap(net)
     eager_out = net(x)
     eager_features = eager_tap.pop()
