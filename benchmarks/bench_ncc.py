@@ -1,6 +1,6 @@
 """Local NCC loss, forward + backward: box filter (cumulative sums) vs dense window^3 conv.
 
-Usage: PYTHONPATH=. python benchmarks/bench_ncc.py [--repeats N] [--window 9] [--sizes 96 128] [--cpu-only]
+Usage: PYTHONPATH=. python benchmarks/bench_ncc.py [--repeats N] [--window 9] [--sizes 96 128] [--cpu-only | --cuda-only]
 Prints per shape and device: median time of each, speed-up ratio, max abs difference of the
 loss and of the input gradient; on CUDA also fp32 vs autocast(fp16) and peak memory.
 Target: >= 30x at 1x1x96^3 on CPU.
