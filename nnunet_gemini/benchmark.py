@@ -21,7 +21,9 @@ import platform
 import shutil
 import sys
 import textwrap
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -98,6 +100,8 @@ class Benchmark:
         self.env = env
         (out_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.run = StageRunner(env, out_dir / "logs", "gemini_benchmark")
+        self.jobs = getattr(args, "jobs", 1)
+        self._lock = threading.Lock()  # --jobs > 1: runs append to results.json from several threads
         self.results_path = out_dir / RESULTS_JSON
         self.results = self._load_results()
 
@@ -192,6 +196,8 @@ class Benchmark:
                "nnUNet_gemini_final_validation": "0"}  # scored on imagesTs; nnU-Net's validation is time spent for nothing
         if self.device == "cpu":
             env["nnUNet_n_proc_DA"] = "0"
+        elif self.jobs > 1:  # concurrent trainings share the CPU cores between their augmentation workers
+            env["nnUNet_n_proc_DA"] = str(max(1, (os.cpu_count() or 1) // self.jobs - 1))
         train_s = self.run(f"train_{tag}", ["nnUNetv2_train", str(self.dataset_id), CONFIGURATION, str(fold), "-tr",
                                             trainer, "-p", PLANS, "-device", self.device], extra_env=env)
         pred_dir = self.out / "predictions" / tag
@@ -209,8 +215,9 @@ class Benchmark:
                "train_seconds": train_s, "predict_seconds": predict_s, "pretrain_share_seconds": round(pretrain_share, 1),
                "wall_seconds": round(train_s + predict_s + pretrain_share, 1), "device": self.device,
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        self.results["runs"].append(run)
-        self._save()
+        with self._lock:
+            self.results["runs"].append(run)
+            self._save()
         print(f"[gemini_benchmark] {method} N={n} draw={draw}: mean Dice {run['dice_mean']:.4f}", flush=True)
         return run
 
@@ -257,6 +264,19 @@ class Benchmark:
         self._save()
         return out
 
+    def train_all(self, runs: List[dict]) -> None:
+        """Every run, one after another, or --jobs at a time (a GPU that one small training leaves
+        mostly idle); every run that finishes is recorded even when another one fails."""
+        if self.jobs == 1:
+            for run in runs:
+                self.train_and_score(**run)
+            return
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            futures = [pool.submit(self.train_and_score, **run) for run in runs]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]
+
     # ------------------------------------------------------------------ the study
     def execute(self) -> None:
         t_start = time.time()
@@ -271,15 +291,13 @@ class Benchmark:
         need_pretrain = bool(USES_PRETRAINING & set(methods)) or bool(deformations)
         pretrain_seconds = self.pretrain("diffeomorphic")["seconds"] if need_pretrain else 0.0
         sharing = len(USES_PRETRAINING & set(methods)) * len(ns) * self.a.draws
-        for n in ns:
-            for draw in draws:
-                for method in methods:
-                    share = pretrain_seconds / sharing if method in USES_PRETRAINING else 0.0
-                    self.train_and_score(method, n, draw, self.budget["train_epochs"], pretrain_share=share)
+        runs = [dict(method=method, n=n, draw=draw, epochs=self.budget["train_epochs"],
+                     pretrain_share=pretrain_seconds / sharing if method in USES_PRETRAINING else 0.0)
+                for n in ns for draw in draws for method in methods]
         if self.a.reference_iters:
             epochs = max(1, math.ceil(self.a.reference_iters / self.budget["train_iters"]))
-            for n in ns:
-                self.train_and_score("nnUNetTrainer", n, 0, epochs, reference=True)
+            runs += [dict(method="nnUNetTrainer", n=n, draw=0, epochs=epochs, reference=True) for n in ns]
+        self.train_all(runs)
         for deformation in deformations:
             self.pretrain(deformation)
             self.registration(deformation)
@@ -409,14 +427,18 @@ def _main(argv=None) -> int:
                    help="registration quality of the pre-trained deformer: both deformation models (a second "
                         "pre-training with --deformation displacement), the diffeomorphic one, or none")
     p.add_argument("-device", default=None, help="cuda|cpu|mps; default: cuda when available, else cpu")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="trainings (each with its prediction) run at the same time: worth it on a GPU that one "
+                        "small-patch training leaves mostly idle (their data augmentation workers share the CPU "
+                        "cores); keep 1 on a CPU")
     p.add_argument("-o", default="gemini_benchmark", help="output folder (results, logs, predictions)")
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot draws")
     p.add_argument("--own_nnunet_folders", action="store_true",
                    help="keep nnUNet_raw/_preprocessed/_results inside -o even when the nnUNet_* variables are set")
     a = p.parse_args(argv)
     overrides = [a.train_epochs, a.train_iters, a.val_iters, a.pretrain_epochs, a.pretrain_iters, a.reference_iters]
-    if a.draws < 1 or min(a.n) < 1 or any(v is not None and v < 1 for v in overrides):
-        raise GeminiUserError("--n, --draws, --reference_iters and the budget overrides must be positive")
+    if a.draws < 1 or min(a.n) < 1 or a.jobs < 1 or any(v is not None and v < 1 for v in overrides):
+        raise GeminiUserError("--n, --draws, --jobs, --reference_iters and the budget overrides must be positive")
     out = Path(a.o).resolve()
     folders = nnunet_folders(out, use_env=not a.own_nnunet_folders)
     for f in folders.values():

@@ -1,5 +1,6 @@
-"""gemini_benchmark on a tiny matrix (one N, one draw, one iteration, two methods): well-formed
-results.json / results.md / results.png, and a second call redoes nothing that finished."""
+"""gemini_benchmark on a tiny matrix (one N, one draw, one iteration, two methods, trained at the
+same time with --jobs 2): well-formed results.json / results.md / results.png, and a second call
+(one job) redoes nothing that finished."""
 import glob
 import json
 import os
@@ -27,7 +28,7 @@ def tiny_study(planned_demo, tmp_path_factory):
     cmd = [sys.executable, "-m", "nnunet_gemini.benchmark", "-d", str(planned_demo.dataset_id), "--n", "3",
            "--draws", "1", "--methods", *METHODS, "--registration", "none", "--train_epochs", "1",
            "--train_iters", "1", "--val_iters", "1", "-device", "cpu", "-o", str(out)]
-    first = run_command(cmd, env, timeout=1200)
+    first = run_command(cmd + ["--jobs", "2"], env, timeout=1200)
     return dict(cmd=cmd, env=env, out=out, first=first, dataset=planned_demo)
 
 
@@ -103,3 +104,13 @@ def test_reports_aggregate_over_draws(tmp_path):
     assert any(line.startswith("| nnUNetTrainer, reference 1000 it") and "0.900" in line for line in lines)
     assert any(line.startswith("| diffeomorphic") and "0.700 ± 0.050" in line and "0.00100" in line for line in lines)
     assert (tmp_path / "results.png").is_file()
+
+
+@pytest.mark.parametrize("flag", [["--jobs", "0"], ["--draws", "0"], ["--n", "0"], ["--train_iters", "-1"]])
+def test_non_positive_counts_are_refused_before_anything_runs(flag, tmp_path, capsys):
+    from nnunet_gemini.benchmark import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(flag + ["-o", str(tmp_path / "out"), "--own_nnunet_folders"])
+    assert exit_info.value.code != 0
+    assert "must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
