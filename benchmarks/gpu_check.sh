@@ -34,16 +34,7 @@ stage() {  # stage NAME LIMIT_S CMD...: runs CMD under min(LIMIT_S, time to the 
     echo "=== $name rc=$? $(( $(date +%s) - s )) s"
 }
 
-if [ -z "${SKIP_INSTALL:-}" ]; then
-    s=$(date +%s)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    tar -C /tmp/site -xJf .whl/sitk.tar.xz
-    export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
-        || python3 -m pip install -q --no-index --no-deps --no-build-isolation .
-    echo "=== install $(( $(date +%s) - s )) s"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-fi
+[ -z "${SKIP_INSTALL:-}" ] && source benchmarks/gpu_install.sh
 python3 -c "import torch, nnunetv2, SimpleITK; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 stage doctor 60 gemini_doctor
 
