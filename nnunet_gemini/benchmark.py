@@ -48,6 +48,8 @@ BUDGETS = {
 METHODS = ("nnUNetTrainer", "nnUNetTrainerGEMINIFinetune", "nnUNetTrainerGEMINI_NoPretrain", "nnUNetTrainerGEMINI")
 TRAINER_OF = {"nnUNetTrainer": "nnUNetTrainerEnvBudget"}   # reported name -> trainer that honours the budget
 USES_PRETRAINING = {"nnUNetTrainerGEMINI", "nnUNetTrainerGEMINIFinetune"}
+USES_GEMINI_LOSS = {"nnUNetTrainerGEMINI", "nnUNetTrainerGEMINI_NoPretrain"}  # --gemini_weight/--gemini_rampup_epochs
+ABLATION_VARS = {"gemini_weight": "nnUNet_gemini_weight", "gemini_rampup_epochs": "nnUNet_gemini_rampup_epochs"}
 DEFORMATIONS = ("diffeomorphic", "displacement")
 DEMO_ID = 991
 CONFIGURATION = "3d_fullres"
@@ -84,8 +86,22 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)  # an interruption leaves the previous results, never a torn file
 
 
+def _label(run: dict) -> str:
+    return run.get("label", run["method"])
+
+
 def _run_key(run: dict) -> tuple:
-    return run["method"], run["n"], run["draw"], run["iterations"], run.get("reference", False)
+    return _label(run), run["n"], run["draw"], run["iterations"], run.get("reference", False)
+
+
+def method_label(method: str, weight: Optional[float] = None, rampup_epochs: Optional[int] = None) -> str:
+    """The name a run is reported and resumed under: an ablation of the GEMINI loss's weight or
+    ramp-up is its own row, e.g. "nnUNetTrainerGEMINI (weight 0.3, ramp-up 20 ep)"."""
+    if method not in USES_GEMINI_LOSS:
+        return method
+    parts = ([f"weight {weight:g}"] if weight is not None else []) + \
+            ([f"ramp-up {rampup_epochs} ep"] if rampup_epochs is not None else [])
+    return f"{method} ({', '.join(parts)})" if parts else method
 
 
 class Benchmark:
@@ -97,6 +113,9 @@ class Benchmark:
         env = dict(os.environ, **folders)
         env.setdefault("nnUNet_def_n_proc", "1" if self.device == "cpu" else str(min(8, os.cpu_count() or 1)))
         env.pop("nnUNet_n_proc_DA", None)  # set only for training (planning in 2.8.1 crashes on 0)
+        for var in ABLATION_VARS.values():
+            env.pop(var, None)  # only the flags set them, so a run's label always says what it trained with
+        self.ablation = {k: getattr(args, k, None) for k in ABLATION_VARS}
         self.env = env
         (out_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.run = StageRunner(env, out_dir / "logs", "gemini_benchmark")
@@ -180,20 +199,25 @@ class Benchmark:
     def train_and_score(self, method: str, n: int, draw: int, epochs: int, reference: bool = False,
                         pretrain_share: float = 0.0) -> dict:
         iterations = epochs * self.budget["train_iters"]
-        key = (method, n, draw, iterations, reference)
+        ablation = {k: v for k, v in self.ablation.items() if v is not None and method in USES_GEMINI_LOSS}
+        label = method_label(method, ablation.get("gemini_weight"), ablation.get("gemini_rampup_epochs"))
+        key = (label, n, draw, iterations, reference)
         done = self._finished(key)
         if done is not None:
-            print(f"[gemini_benchmark] done already: {method} N={n} draw={draw} ({iterations} it)", flush=True)
+            print(f"[gemini_benchmark] done already: {label} N={n} draw={draw} ({iterations} it)", flush=True)
             return done
         fold = self.folds[(n, draw)]["fold"]
         trainer = TRAINER_OF.get(method, method)
-        tag = f"{method}_N{n}_draw{draw}_{iterations}it"
-        # a reference run gets its own results folder: it must not replace the budget run of this fold
-        results_dir = self.folders["nnUNet_results"] if not reference else str(self.out / "nnUNet_results_reference")
+        suffix = "".join(f"_{k[len('gemini_'):]}{v:g}" for k, v in ablation.items())
+        tag = f"{method}{suffix}_N{n}_draw{draw}_{iterations}it"
+        # a reference or ablation run gets its own results folder: it must not replace the budget run of this fold
+        results_dir = (str(self.out / "nnUNet_results_reference") if reference else
+                       self.ablation_results_dir(suffix, method) if ablation else self.folders["nnUNet_results"])
         env = {"nnUNet_results": results_dir, "nnUNet_gemini_num_epochs": str(epochs),
                "nnUNet_gemini_iters_per_epoch": str(self.budget["train_iters"]),
                "nnUNet_gemini_val_iters": str(self.budget["val_iters"]),
-               "nnUNet_gemini_final_validation": "0"}  # scored on imagesTs; nnU-Net's validation is time spent for nothing
+               "nnUNet_gemini_final_validation": "0",  # scored on imagesTs; nnU-Net's validation is time spent for nothing
+               **{ABLATION_VARS[k]: str(v) for k, v in ablation.items()}}
         if self.device == "cpu":
             env["nnUNet_n_proc_DA"] = "0"
         elif self.jobs > 1:  # concurrent trainings share the CPU cores between their augmentation workers
@@ -209,7 +233,7 @@ class Benchmark:
         predict_s = self.run(f"predict_{tag}", predict, extra_env={"nnUNet_results": results_dir})
         scores = score_predictions(str(self.raw / "labelsTs"), str(pred_dir), self.dataset_json["labels"],
                                    str(pred_dir / "summary.json"))
-        run = {"method": method, "trainer": trainer, "n": n, "draw": draw, "fold": fold, "reference": reference,
+        run = {"method": method, "label": label, **ablation, "trainer": trainer, "n": n, "draw": draw, "fold": fold, "reference": reference,
                "train_cases": self.folds[(n, draw)]["train"], "iterations": iterations, "epochs": epochs,
                "iters_per_epoch": self.budget["train_iters"], **scores,
                "train_seconds": train_s, "predict_seconds": predict_s, "pretrain_share_seconds": round(pretrain_share, 1),
@@ -218,8 +242,22 @@ class Benchmark:
         with self._lock:
             self.results["runs"].append(run)
             self._save()
-        print(f"[gemini_benchmark] {method} N={n} draw={draw}: mean Dice {run['dice_mean']:.4f}", flush=True)
+        print(f"[gemini_benchmark] {label} N={n} draw={draw}: mean Dice {run['dice_mean']:.4f}", flush=True)
         return run
+
+    def ablation_results_dir(self, suffix: str, method: str) -> str:
+        """nnUNet_results of an ablation's runs (own folder: the same trainer and fold as the main
+        run). A method that loads the pre-training finds it there through a link to the shared one."""
+        results_dir = self.out / f"nnUNet_results_ablation{suffix}"
+        if method in USES_PRETRAINING:
+            shared = self._pretrain_checkpoint("diffeomorphic")
+            link = results_dir / self.dataset_name / shared.parent.parent.name / shared.parent.name / shared.name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                link.symlink_to(shared)
+            except FileExistsError:  # an earlier run of this ablation (or another --jobs thread) made it
+                pass
+        return str(results_dir)
 
     def registration(self, deformation: str) -> dict:
         done = self.results["registration"].get(deformation)
@@ -305,7 +343,18 @@ class Benchmark:
             self.unregistered_dice()
         self.results["last_call_seconds"] = round(time.time() - t_start, 1)
         self._save()
-        write_reports(self.results, self.out, methods, ns, budget_iterations(self.budget))
+        write_reports(self.results, self.out, self.report_labels(methods), ns, budget_iterations(self.budget))
+
+    def report_labels(self, methods) -> List[str]:
+        """This call's rows, then every other row of the same budget already in results.json (earlier
+        ablation calls), so the table grows with each call instead of showing the last one only."""
+        labels = [method_label(m, *(self.ablation[k] if m in USES_GEMINI_LOSS else None for k in ABLATION_VARS))
+                  for m in methods]
+        iterations = budget_iterations(self.budget)
+        earlier = sorted({_label(r) for r in self.results["runs"] if r["iterations"] == iterations
+                          and not r.get("reference")} - set(labels),
+                         key=lambda x: (METHODS.index(x.split(" (")[0]) if x.split(" (")[0] in METHODS else 99, x))
+        return labels + earlier
 
 
 # ---------------------------------------------------------------------- reports
@@ -316,11 +365,11 @@ def _mean_std(values: List[float]) -> str:
 
 
 def summarise(results: dict, methods, ns, iterations: int) -> Dict[str, Dict[int, List[float]]]:
-    """{method: {N: [run mean Dice over draws]}} of the budget runs (reference runs excluded)."""
+    """{method label: {N: [run mean Dice over draws]}} of the budget runs (reference runs excluded)."""
     table = {m: {n: [] for n in ns} for m in methods}
     for r in results["runs"]:
-        if not r.get("reference") and r["iterations"] == iterations and r["method"] in table and r["n"] in ns:
-            table[r["method"]][r["n"]].append(r["dice_mean"])
+        if not r.get("reference") and r["iterations"] == iterations and _label(r) in table and r["n"] in ns:
+            table[_label(r)][r["n"]].append(r["dice_mean"])
     return table
 
 
@@ -339,7 +388,7 @@ def write_reports(results: dict, out: Path, methods, ns, iterations: int) -> Non
              "| method | " + " | ".join(f"N = {n}" for n in ns) + " | mean wall time / run (s) |",
              "|---|" + "---|" * len(ns) + "---|"]
     for m in methods:
-        walls = [r["wall_seconds"] for r in results["runs"] if r["method"] == m and not r.get("reference")
+        walls = [r["wall_seconds"] for r in results["runs"] if _label(r) == m and not r.get("reference")
                  and r["iterations"] == iterations]
         lines.append(f"| {m} | " + " | ".join(_mean_std(table[m][n]) for n in ns)
                      + f" | {np.mean(walls):.0f} |" if walls else f"| {m} | " + " | ".join("–" for _ in ns) + " | – |")
@@ -353,7 +402,7 @@ def write_reports(results: dict, out: Path, methods, ns, iterations: int) -> Non
                   "| method | N | " + " | ".join(structures) + " |", "|---|---|" + "---|" * len(structures)]
         for m in methods:
             for n in ns:
-                runs = [r for r in results["runs"] if r["method"] == m and r["n"] == n and not r.get("reference")
+                runs = [r for r in results["runs"] if _label(r) == m and r["n"] == n and not r.get("reference")
                         and r["iterations"] == iterations]
                 if runs:
                     lines.append(f"| {m} | {n} | " + " | ".join(
@@ -383,7 +432,7 @@ def _plot(table, refs, ns, path: Path, results: dict) -> None:
     for i, (method, per_n) in enumerate(table.items()):
         xs = [n for n in ns if per_n[n]]
         if xs:
-            ax.errorbar(np.array(xs) * (1 + 0.02 * (i - 1.5)), [np.mean(per_n[n]) for n in xs],
+            ax.errorbar(np.array(xs) * (1 + 0.02 * (i - (len(table) - 1) / 2)), [np.mean(per_n[n]) for n in xs],
                         yerr=[np.std(per_n[n]) for n in xs], marker="o", capsize=3, label=method)
     for iterations in sorted({r["iterations"] for r in refs}):
         pts = sorted((r["n"], r["dice_mean"]) for r in refs if r["iterations"] == iterations)
@@ -421,6 +470,13 @@ def _main(argv=None) -> int:
     p.add_argument("--budget", choices=list(BUDGETS), default="quick", help=f"iteration budget ({_budget_help()})")
     for key in ("train_epochs", "train_iters", "val_iters", "pretrain_epochs", "pretrain_iters"):
         p.add_argument(f"--{key}", type=int, default=None, help=f"override the budget's {key.replace('_', ' ')}")
+    p.add_argument("--gemini_weight", type=float, default=None, metavar="W",
+                   help="ablation: nnUNet_gemini_weight for the methods with the GEMINI loss (nnUNetTrainerGEMINI, "
+                        "_NoPretrain); their runs become rows of their own, e.g. 'nnUNetTrainerGEMINI (weight 0.3)'. "
+                        "Default: the trainer's weight (1.0)")
+    p.add_argument("--gemini_rampup_epochs", type=int, default=None, metavar="R",
+                   help="ablation: nnUNet_gemini_rampup_epochs (sigmoid ramp-up of the GEMINI weight over R epochs) "
+                        "for the same methods, rows of their own. Default: no ramp-up")
     p.add_argument("--reference_iters", type=int, default=None, metavar="K",
                    help="one extra nnUNetTrainer run per N (draw 0) with about K supervised iterations")
     p.add_argument("--registration", choices=("both", "diffeomorphic", "none"), default="both",
@@ -439,6 +495,9 @@ def _main(argv=None) -> int:
     overrides = [a.train_epochs, a.train_iters, a.val_iters, a.pretrain_epochs, a.pretrain_iters, a.reference_iters]
     if a.draws < 1 or min(a.n) < 1 or a.jobs < 1 or any(v is not None and v < 1 for v in overrides):
         raise GeminiUserError("--n, --draws, --jobs, --reference_iters and the budget overrides must be positive")
+    if (a.gemini_weight is not None and not 0 <= a.gemini_weight < float("inf")) or \
+            (a.gemini_rampup_epochs is not None and a.gemini_rampup_epochs < 0):
+        raise GeminiUserError("--gemini_weight must be a finite number >= 0 and --gemini_rampup_epochs an integer >= 0")
     out = Path(a.o).resolve()
     folders = nnunet_folders(out, use_env=not a.own_nnunet_folders)
     for f in folders.values():

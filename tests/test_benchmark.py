@@ -106,11 +106,52 @@ def test_reports_aggregate_over_draws(tmp_path):
     assert (tmp_path / "results.png").is_file()
 
 
-@pytest.mark.parametrize("flag", [["--jobs", "0"], ["--draws", "0"], ["--n", "0"], ["--train_iters", "-1"]])
+
+def test_ablation_is_a_row_of_its_own_and_keeps_the_main_runs(tiny_study):
+    out, env = tiny_study["out"], tiny_study["env"]
+    before = json.loads((out / "results.json").read_text())["runs"]
+    third = run_command(tiny_study["cmd"] + ["--gemini_weight", "0.5", "--gemini_rampup_epochs", "2"], env, timeout=900)
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert runs[:len(before)] == before
+    label = "nnUNetTrainerGEMINI_NoPretrain (weight 0.5, ramp-up 2 ep)"
+    (new,) = runs[len(before):]
+    assert (new["label"], new["method"], new["gemini_weight"], new["gemini_rampup_epochs"]) == \
+        (label, "nnUNetTrainerGEMINI_NoPretrain", 0.5, 2)
+    assert third.stdout.count("done already") == 1  # nnUNetTrainer has no GEMINI loss: its run is the same
+    logs = glob.glob(str(out / "nnUNet_results_ablation_weight0.5_rampup_epochs2" / "**" / "training_log_*.txt"),
+                     recursive=True)
+    log = open(logs[0]).read()
+    assert "nnUNet_gemini_weight = 0.5 (environment)" in log and "nnUNet_gemini_rampup_epochs = 2 (environment)" in log
+    table = (out / "results.md").read_text()
+    for row in ("nnUNetTrainer", "nnUNetTrainerGEMINI_NoPretrain", label):
+        assert any(line.startswith(f"| {row} | ") for line in table.splitlines()), row
+
+
+def test_method_labels_and_ablation_results_dir_links_the_shared_pretraining(tmp_path, monkeypatch):
+    from nnunet_gemini.benchmark import Benchmark, method_label
+    from nnunet_gemini.pretrained import find_pretrained_checkpoint
+    assert method_label("nnUNetTrainerGEMINI") == "nnUNetTrainerGEMINI"
+    assert method_label("nnUNetTrainerGEMINI", 0.3) == "nnUNetTrainerGEMINI (weight 0.3)"
+    assert method_label("nnUNetTrainerGEMINI_NoPretrain", None, 0) == "nnUNetTrainerGEMINI_NoPretrain (ramp-up 0 ep)"
+    assert method_label("nnUNetTrainerGEMINIFinetune", 0.3, 5) == "nnUNetTrainerGEMINIFinetune"  # no GEMINI loss
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    bench = Benchmark.__new__(Benchmark)
+    bench.out, bench.dataset_name = tmp_path / "study", "Dataset991_GeminiDemo"
+    shared = bench._pretrain_checkpoint("diffeomorphic")
+    shared.parent.mkdir(parents=True)
+    shared.write_bytes(b"pre-trained")
+    folder = bench.ablation_results_dir("_weight0.3", "nnUNetTrainerGEMINI")
+    assert bench.ablation_results_dir("_weight0.3", "nnUNetTrainerGEMINI") == folder  # the link exists: fine
+    monkeypatch.setenv("nnUNet_results", folder)  # what the ablation's trainer sees
+    found = find_pretrained_checkpoint("Dataset991_GeminiDemo", "nnUNetPlans", "3d_fullres")
+    assert found is not None and open(found, "rb").read() == b"pre-trained"
+
+@pytest.mark.parametrize("flag", [["--jobs", "0"], ["--draws", "0"], ["--n", "0"], ["--train_iters", "-1"],
+                                  ["--gemini_weight", "-1"], ["--gemini_weight", "nan"], ["--gemini_rampup_epochs", "-2"]])
 def test_non_positive_counts_are_refused_before_anything_runs(flag, tmp_path, capsys):
     from nnunet_gemini.benchmark import main
     with pytest.raises(SystemExit) as exit_info:
         main(flag + ["-o", str(tmp_path / "out"), "--own_nnunet_folders"])
     assert exit_info.value.code != 0
-    assert "must be positive" in capsys.readouterr().err
+    assert "must be" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -322,6 +322,40 @@ def test_nonfinite_loss_skips_the_update_then_stops(started_trainer, monkeypatch
         trainer.train_step(next(trainer.dataloader_train))
 
 
+def test_rampup_scales_the_gemini_term_by_epoch(started_trainer):
+    """nnUNet_gemini_rampup_epochs: d total / d gemini is weight * exp(-5 (1 - epoch/R)^2), then weight."""
+    import math
+    trainer = started_trainer
+    original, seen = trainer.gemini_step, {}
+
+    def spy(*args):
+        loss, logs = original(*args)
+        loss.register_hook(lambda g: seen.__setitem__("d_total_d_gemini", float(g)))
+        return loss, logs
+
+    trainer.gemini_step = spy
+    trainer.gemini_weight, trainer.gemini_rampup_epochs = 0.5, 4
+    try:
+        for epoch, factor in ((0, math.exp(-5.0)), (2, math.exp(-1.25)), (4, 1.0), (9, 1.0)):
+            trainer.current_epoch = epoch
+            trainer.train_step(next(trainer.dataloader_train))
+            assert seen.pop("d_total_d_gemini") == pytest.approx(0.5 * factor, rel=1e-6)
+    finally:
+        trainer.gemini_step = original  # on_train_end saves the step's settings
+
+
+def test_rampup_factor_and_its_option():
+    from nnunet_gemini.errors import GeminiUserError
+    from nnunet_gemini.trainers.options import rampup_factor, read_env_options
+    assert [rampup_factor(e, 0) for e in (0, 5)] == [1.0, 1.0]  # default: no ramp-up (as released)
+    ramp = [rampup_factor(e, 10) for e in range(12)]
+    assert ramp[0] == pytest.approx(np.exp(-5)) and ramp[10:] == [1.0, 1.0]
+    assert all(a < b for a, b in zip(ramp[:10], ramp[1:11]))  # strictly rising to the full weight
+    assert read_env_options({"nnUNet_gemini_rampup_epochs": "25"}).rampup_epochs == 25
+    with pytest.raises(GeminiUserError, match="nnUNet_gemini_rampup_epochs='-1' must be a non-negative integer"):
+        read_env_options({"nnUNet_gemini_rampup_epochs": "-1"})
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 def test_checkpoint_resume_restores_deformer_optimizer_and_logging(started_trainer, api_env, tmp_path):
     import torch

@@ -28,7 +28,8 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_gemini.errors import GeminiUserError
-from nnunet_gemini.trainers.options import apply_budget, describe, perform_final_validation, read_env_options
+from nnunet_gemini.trainers.options import (apply_budget, describe, perform_final_validation, rampup_factor,
+                                          read_env_options)
 from nnunet_gemini.trainers.progress import GEMINI_TERMS, SKIPPED_KEY, GeminiLocalLogger
 
 __all__ = ["nnUNetTrainerGEMINI", "nnUNetTrainerGEMINI_NoPretrain", "nnUNetTrainerGEMINIFinetune",
@@ -71,6 +72,7 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         if self.gemini_semi_supervised:
             self.logger.local_logger = GeminiLocalLogger(self.logger.local_logger.verbose)
         self.gemini_weight = self.gemini_options.weight
+        self.gemini_rampup_epochs = self.gemini_options.rampup_epochs
         self.gemini_deformation = self.gemini_options.deformation
         self.max_nonfinite_in_a_row = self.gemini_options.max_nonfinite
         from nnunet_gemini.heads import DEFAULT_DEFORMER_RESOLUTION
@@ -325,7 +327,7 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
                 labelled = [o[:n] for o in output] if isinstance(output, (list, tuple)) else output[:n]
                 supervised = self.loss(labelled, target)
                 gemini, logs = self.gemini_step(img_a, img_b, features[n:n + p], features[n + p:n + 2 * p])
-                total = supervised + self.gemini_weight * gemini
+                total = supervised + self.current_gemini_weight() * gemini
             if str(self.global_iteration) in os.environ.get(TEST_NONFINITE_ENV, "").split(","):
                 total = total * float("nan")
             finite = torch.isfinite(total.detach()).float()
@@ -349,6 +351,10 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         for key, name in GEMINI_TERMS.items():
             result[key] = float(logs.get(name, np.nan)) if finite else np.nan
         return result
+
+    def current_gemini_weight(self) -> float:
+        """nnUNet_gemini_weight, ramped up over the first nnUNet_gemini_rampup_epochs epochs."""
+        return self.gemini_weight * rampup_factor(self.current_epoch, self.gemini_rampup_epochs)
 
     def _average_deformer_gradients(self) -> None:
         """DDP averages the network's gradients; the deformer's are averaged here. A DDP wrap of
@@ -414,7 +420,7 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
             self.logger.log(key, value, self.current_epoch)
         self.logger.log(SKIPPED_KEY, skipped, self.current_epoch)
         self.print_to_log_file("gemini " + ", ".join(f"{k[len('gemini_'):]} {v:.4f}" for k, v in values.items())
-                               + f", weight {self.gemini_weight}, skipped updates {skipped}")
+                               + f", weight {self.current_gemini_weight():.4g}, skipped updates {skipped}")
 
     def on_validation_epoch_end(self, val_outputs: List[dict]):
         super().on_validation_epoch_end(val_outputs)

@@ -4,6 +4,7 @@ nnU-Net constructs trainers with a fixed signature (an extra argument breaks it)
 per-run settings reach the trainer through the environment; class attributes of variants carry
 the rest. Every option is printed into the training log (see `describe`).
 """
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -17,6 +18,7 @@ DEFORMATIONS = ("diffeomorphic", "displacement")
 @dataclass(frozen=True)
 class GeminiRunOptions:
     weight: float = 1.0                  # GEMINI loss weight in total = supervised + weight * gemini
+    rampup_epochs: int = 0               # >0: the weight rises over these epochs (sigmoid ramp); 0: full from the start
     unlabeled_batch: Optional[int] = None  # pairs per iteration; None -> max(1, labelled batch // 2)
     auto_pretrained: bool = True         # load a gemini_pretrain checkpoint of this dataset/plans/config
     deformation: str = "diffeomorphic"   # deformer output: velocity (diffeomorphic) or displacement
@@ -40,8 +42,10 @@ def _parse(name: str, raw: str, kind):
     except ValueError:
         raise GeminiUserError(f"environment variable {var}={raw!r} is not a valid "
                               f"{'0/1 switch' if kind is bool else kind.__name__}: fix or unset it.") from None
-    if kind is int and value < (0 if name == "max_nonfinite" else 1):
-        raise GeminiUserError(f"environment variable {var}={raw!r} must be a positive integer: fix or unset it.")
+    if kind is int and value < (0 if name in ("max_nonfinite", "rampup_epochs") else 1):
+        raise GeminiUserError(f"environment variable {var}={raw!r} must be a "
+                              f"{'non-negative' if name in ('max_nonfinite', 'rampup_epochs') else 'positive'} "
+                              f"integer: fix or unset it.")
     if kind is float and not (value >= 0 and value < float("inf")):
         raise GeminiUserError(f"environment variable {var}={raw!r} must be a finite number >= 0: fix or unset it.")
     if name == "deformation" and value not in DEFORMATIONS:
@@ -50,7 +54,7 @@ def _parse(name: str, raw: str, kind):
     return value
 
 
-_KINDS = {"weight": float, "unlabeled_batch": int, "auto_pretrained": bool, "deformation": str,
+_KINDS = {"weight": float, "rampup_epochs": int, "unlabeled_batch": int, "auto_pretrained": bool, "deformation": str,
           "max_nonfinite": int, "num_epochs": int, "iters_per_epoch": int, "val_iters": int,
           "final_validation": bool}
 
@@ -75,6 +79,17 @@ def describe(options: GeminiRunOptions, environ=None) -> str:
         source = "environment" if environ.get(PREFIX + f.name, "").strip() else "default"
         lines.append(f"  {PREFIX}{f.name} = {getattr(options, f.name)} ({source})")
     return "\n".join(lines)
+
+
+def rampup_factor(epoch: int, rampup_epochs: int) -> float:
+    """Share of the GEMINI weight at `epoch` (0-based): exp(-5 (1 - t)^2), t = epoch / rampup_epochs
+    clipped to 1 (the sigmoid ramp-up of Laine & Aila's temporal ensembling, common in semi-supervised
+    segmentation); 1 from the start when rampup_epochs is 0. It lets the supervised loss shape the
+    features before the unlabelled term weighs in fully (the released method has no ramp-up)."""
+    if rampup_epochs <= 0:
+        return 1.0
+    t = min(1.0, max(0.0, epoch / rampup_epochs))
+    return float(math.exp(-5.0 * (1.0 - t) ** 2))
 
 
 def apply_budget(trainer, options: GeminiRunOptions) -> None:
