@@ -104,6 +104,19 @@ def method_label(method: str, weight: Optional[float] = None, rampup_epochs: Opt
     return f"{method} ({', '.join(parts)})" if parts else method
 
 
+def training_n_proc_da(device: str, jobs: int, user_value: Optional[str], cpu_count: Optional[int] = None) -> Optional[str]:
+    """nnUNet_n_proc_DA for pre-training and training runs (None: nnU-Net's own default). CPU: 0
+    (augmentation in the training process, as the test and CPU notes advise); else the user's
+    value; else, with --jobs K > 1, the cores shared out so K trainings do not oversubscribe them."""
+    if device == "cpu":
+        return "0"
+    if user_value is not None and user_value.strip():
+        return user_value.strip()
+    if jobs > 1:
+        return str(max(1, (cpu_count or os.cpu_count() or 1) // jobs - 1))
+    return None
+
+
 class Benchmark:
     def __init__(self, args, out_dir: Path, folders: dict):
         self.a, self.out, self.folders = args, out_dir, folders
@@ -112,7 +125,10 @@ class Benchmark:
         self.device = args.device or default_device()
         env = dict(os.environ, **folders)
         env.setdefault("nnUNet_def_n_proc", "1" if self.device == "cpu" else str(min(8, os.cpu_count() or 1)))
-        env.pop("nnUNet_n_proc_DA", None)  # set only for training (planning in 2.8.1 crashes on 0)
+        # set only for training (planning in 2.8.1 crashes on 0); the user's own value is kept for that
+        user_da = env.pop("nnUNet_n_proc_DA", None)
+        self.n_proc_da = training_n_proc_da(self.device, getattr(args, "jobs", 1), user_da)
+        self.n_proc_da_pretrain = training_n_proc_da(self.device, 1, user_da)  # it runs alone
         for var in ABLATION_VARS.values():
             env.pop(var, None)  # only the flags set them, so a run's label always says what it trained with
         self.ablation = {k: getattr(args, k, None) for k in ABLATION_VARS}
@@ -189,7 +205,8 @@ class Benchmark:
         if deformation != "diffeomorphic":
             cmd += ["-o", str(checkpoint.parent)]
         seconds = self.run(f"pretrain_{deformation}", cmd,
-                           extra_env={"nnUNet_n_proc_DA": "0"} if self.device == "cpu" else None)
+                           extra_env={"nnUNet_n_proc_DA": self.n_proc_da_pretrain}
+                           if self.n_proc_da_pretrain is not None else None)
         record = {"deformation": deformation, "checkpoint": str(checkpoint), "iterations": iterations,
                   "seconds": seconds, "device": self.device}
         self.results["pretraining"][deformation] = record
@@ -218,10 +235,8 @@ class Benchmark:
                "nnUNet_gemini_val_iters": str(self.budget["val_iters"]),
                "nnUNet_gemini_final_validation": "0",  # scored on imagesTs; nnU-Net's validation is time spent for nothing
                **{ABLATION_VARS[k]: str(v) for k, v in ablation.items()}}
-        if self.device == "cpu":
-            env["nnUNet_n_proc_DA"] = "0"
-        elif self.jobs > 1:  # concurrent trainings share the CPU cores between their augmentation workers
-            env["nnUNet_n_proc_DA"] = str(max(1, (os.cpu_count() or 1) // self.jobs - 1))
+        if self.n_proc_da is not None:
+            env["nnUNet_n_proc_DA"] = self.n_proc_da
         train_s = self.run(f"train_{tag}", ["nnUNetv2_train", str(self.dataset_id), CONFIGURATION, str(fold), "-tr",
                                             trainer, "-p", PLANS, "-device", self.device], extra_env=env)
         pred_dir = self.out / "predictions" / tag

@@ -155,3 +155,13 @@ def test_non_positive_counts_are_refused_before_anything_runs(flag, tmp_path, ca
     assert exit_info.value.code != 0
     assert "must be" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_augmentation_workers_per_training():
+    from nnunet_gemini.benchmark import training_n_proc_da
+    assert training_n_proc_da("cpu", 1, "8") == "0"  # CPU: in-process augmentation, whatever the shell says
+    assert training_n_proc_da("cuda", 1, None) is None  # nnU-Net's own default
+    assert training_n_proc_da("cuda", 8, " 6 ") == "6"  # the user's value wins
+    assert training_n_proc_da("cuda", 8, None, cpu_count=16) == "1"  # 8 trainings share 16 cores
+    assert training_n_proc_da("cuda", 4, "", cpu_count=16) == "3"
+    assert training_n_proc_da("cuda", 32, None, cpu_count=16) == "1"
