@@ -104,7 +104,8 @@ def method_label(method: str, weight: Optional[float] = None, rampup_epochs: Opt
     return f"{method} ({', '.join(parts)})" if parts else method
 
 
-def training_n_proc_da(device: str, jobs: int, user_value: Optional[str], cpu_count: Optional[int] = None) -> Optional[str]:
+def training_n_proc_da(device: str, jobs: int, user_value: Optional[str],
+                       cpu_count: Optional[int] = None) -> Optional[str]:
     """nnUNet_n_proc_DA for pre-training and training runs (None: nnU-Net's own default). CPU: 0
     (augmentation in the training process, as the test and CPU notes advise); else the user's
     value; else, with --jobs K > 1, the cores shared out so K trainings do not oversubscribe them."""
@@ -248,7 +249,8 @@ class Benchmark:
         predict_s = self.run(f"predict_{tag}", predict, extra_env={"nnUNet_results": results_dir})
         scores = score_predictions(str(self.raw / "labelsTs"), str(pred_dir), self.dataset_json["labels"],
                                    str(pred_dir / "summary.json"))
-        run = {"method": method, "label": label, **ablation, "trainer": trainer, "n": n, "draw": draw, "fold": fold, "reference": reference,
+        run = {"method": method, "label": label, **ablation, "trainer": trainer, "n": n, "draw": draw, "fold": fold,
+               "reference": reference,
                "train_cases": self.folds[(n, draw)]["train"], "iterations": iterations, "epochs": epochs,
                "iters_per_epoch": self.budget["train_iters"], **scores,
                "train_seconds": train_s, "predict_seconds": predict_s, "pretrain_share_seconds": round(pretrain_share, 1),
@@ -501,7 +503,7 @@ def _main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1,
                    help="trainings (each with its prediction) run at the same time: worth it on a GPU that one "
                         "small-patch training leaves mostly idle (their data augmentation workers share the CPU "
-                        "cores); keep 1 on a CPU")
+                        "cores: nnUNet_n_proc_DA = cores / K - 1 unless set); keep 1 on a CPU")
     p.add_argument("-o", default="gemini_benchmark", help="output folder (results, logs, predictions)")
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot draws")
     p.add_argument("--own_nnunet_folders", action="store_true",

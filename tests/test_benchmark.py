@@ -147,8 +147,9 @@ def test_method_labels_and_ablation_results_dir_links_the_shared_pretraining(tmp
     assert found is not None and open(found, "rb").read() == b"pre-trained"
 
 @pytest.mark.parametrize("flag", [["--jobs", "0"], ["--draws", "0"], ["--n", "0"], ["--train_iters", "-1"],
-                                  ["--gemini_weight", "-1"], ["--gemini_weight", "nan"], ["--gemini_rampup_epochs", "-2"]])
-def test_non_positive_counts_are_refused_before_anything_runs(flag, tmp_path, capsys):
+                                  ["--gemini_weight", "-1"], ["--gemini_weight", "nan"],
+                                  ["--gemini_rampup_epochs", "-2"]])
+def test_out_of_range_counts_and_weights_are_refused_before_anything_runs(flag, tmp_path, capsys):
     from nnunet_gemini.benchmark import main
     with pytest.raises(SystemExit) as exit_info:
         main(flag + ["-o", str(tmp_path / "out"), "--own_nnunet_folders"])
