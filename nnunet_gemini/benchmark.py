@@ -363,15 +363,14 @@ class Benchmark:
         write_reports(self.results, self.out, self.report_labels(methods), ns, budget_iterations(self.budget))
 
     def report_labels(self, methods) -> List[str]:
-        """This call's rows, then every other row of the same budget already in results.json (earlier
-        ablation calls), so the table grows with each call instead of showing the last one only."""
-        labels = [method_label(m, *(self.ablation[k] if m in USES_GEMINI_LOSS else None for k in ABLATION_VARS))
-                  for m in methods]
+        """This call's rows and every other row of the same budget already in results.json (earlier
+        ablation calls), so the table grows with each call; in METHODS order, each ablation after its method."""
+        labels = {method_label(m, *(self.ablation[k] for k in ABLATION_VARS)) for m in methods}
         iterations = budget_iterations(self.budget)
-        earlier = sorted({_label(r) for r in self.results["runs"] if r["iterations"] == iterations
-                          and not r.get("reference")} - set(labels),
-                         key=lambda x: (METHODS.index(x.split(" (")[0]) if x.split(" (")[0] in METHODS else 99, x))
-        return labels + earlier
+        labels |= {_label(r) for r in self.results["runs"] if r["iterations"] == iterations and not r.get("reference")}
+        base = lambda label: label.split(" (")[0]
+        return sorted(labels, key=lambda x: (METHODS.index(base(x)) if base(x) in METHODS else len(METHODS),
+                                             x != base(x), x))
 
 
 # ---------------------------------------------------------------------- reports
