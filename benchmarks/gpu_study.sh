@@ -6,6 +6,7 @@
 #   benchmarks/gpu_study.sh                   # on a CUDA machine (carries .whl/, see gpu_check.sh)
 #   DEV=cpu SKIP_INSTALL=1 JOBS=2 N="1" DRAWS=1 STUDY="--budget quick --train_epochs 1 --train_iters 2 \
 #       --pretrain_epochs 1 --pretrain_iters 2" COMPILE_ITERS=2 benchmarks/gpu_study.sh   # dry run here
+#   ABLATION="--gemini_rampup_epochs 2" benchmarks/gpu_study.sh   # then the same study with a ramp-up, same -o
 set -u
 T0=$(date +%s)
 OUT=${OUT:-/tmp/gpu_study_out}; mkdir -p "$OUT"
@@ -45,6 +46,15 @@ s=$(date +%s)
 timeout -k 10 $LEFT gemini_benchmark -device $DEV -o "$OUT/study" $STUDY --n ${N:-1 2} --draws ${DRAWS:-2} \
     --jobs ${JOBS:-8} --registration diffeomorphic
 echo "=== study rc=$? $(( $(date +%s) - s )) s"
+# Optional ablation on the same -o (finished runs are skipped; only the GEMINI-loss methods train again),
+# e.g. ABLATION="--gemini_rampup_epochs 2" or ABLATION="--gemini_weight 0.3", under what is left of the deadline.
+if [ -n "${ABLATION:-}" ]; then
+    LEFT=$(( ${BUDGET_S:-540} - ($(date +%s) - T0) )); s=$(date +%s)
+    echo "=== ablation (limit ${LEFT}s): $ABLATION"
+    (( LEFT > 30 )) && timeout -k 10 $LEFT gemini_benchmark -device $DEV -o "$OUT/study" $STUDY --n ${N:-1 2} \
+        --draws ${DRAWS:-2} --jobs ${JOBS:-8} --registration diffeomorphic $ABLATION
+    echo "=== ablation rc=$? $(( $(date +%s) - s )) s"
+fi
 for f in "$OUT"/study/logs/train_*_N1_draw0_*.log; do  # epoch times of one draw: first (start-up) and last
     echo "$(basename $f): $(grep -o 'Epoch time: [0-9.]* s' $f | sed -n '1p;$p' | tr '\n' ' ')"; done
 wait $COMPILED_PID  # not a bare wait: it would also wait for the tee of the exec above
