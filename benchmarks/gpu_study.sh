@@ -40,21 +40,18 @@ COMPILED_PID=$!
 # The study: every method, N = 1 2, 2 draws, JOBS trainings at a time, under the script's deadline
 # (resumable: whatever finished is in results.json).
 STUDY=${STUDY:-"--budget standard --train_epochs 6 --pretrain_epochs 10"}
-LEFT=$(( ${BUDGET_S:-540} - ($(date +%s) - T0) ))
-echo "=== study (limit ${LEFT}s): gemini_benchmark -device $DEV $STUDY --n ${N:-1 2} --draws ${DRAWS:-2} --jobs ${JOBS:-8}"
-s=$(date +%s)
-timeout -k 10 $LEFT gemini_benchmark -device $DEV -o "$OUT/study" $STUDY --n ${N:-1 2} --draws ${DRAWS:-2} \
-    --jobs ${JOBS:-8} --registration diffeomorphic
-echo "=== study rc=$? $(( $(date +%s) - s )) s"
+study() {  # study NAME [EXTRA FLAGS...]: the benchmark on $OUT/study under what is left of the deadline
+    local name=$1 left=$(( ${BUDGET_S:-540} - ($(date +%s) - T0) )) s=$(date +%s); shift
+    echo "=== $name (limit ${left}s): gemini_benchmark -device $DEV $STUDY --n ${N:-1 2} --draws ${DRAWS:-2}" \
+         "--jobs ${JOBS:-8} $*"
+    (( left > 30 )) && timeout -k 10 $left gemini_benchmark -device $DEV -o "$OUT/study" $STUDY --n ${N:-1 2} \
+        --draws ${DRAWS:-2} --jobs ${JOBS:-8} --registration diffeomorphic "$@"
+    echo "=== $name rc=$? $(( $(date +%s) - s )) s"
+}
+study study
 # Optional ablation on the same -o (finished runs are skipped; only the GEMINI-loss methods train again),
-# e.g. ABLATION="--gemini_rampup_epochs 2" or ABLATION="--gemini_weight 0.3", under what is left of the deadline.
-if [ -n "${ABLATION:-}" ]; then
-    LEFT=$(( ${BUDGET_S:-540} - ($(date +%s) - T0) )); s=$(date +%s)
-    echo "=== ablation (limit ${LEFT}s): $ABLATION"
-    (( LEFT > 30 )) && timeout -k 10 $LEFT gemini_benchmark -device $DEV -o "$OUT/study" $STUDY --n ${N:-1 2} \
-        --draws ${DRAWS:-2} --jobs ${JOBS:-8} --registration diffeomorphic $ABLATION
-    echo "=== ablation rc=$? $(( $(date +%s) - s )) s"
-fi
+# e.g. ABLATION="--gemini_rampup_epochs 2" or ABLATION="--gemini_weight 0.3".
+[ -n "${ABLATION:-}" ] && study ablation $ABLATION
 for f in "$OUT"/study/logs/train_*_N1_draw0_*.log; do  # epoch times of one draw: first (start-up) and last
     echo "$(basename $f): $(grep -o 'Epoch time: [0-9.]* s' $f | sed -n '1p;$p' | tr '\n' ' ')"; done
 wait $COMPILED_PID  # not a bare wait: it would also wait for the tee of the exec above

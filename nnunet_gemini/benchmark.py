@@ -128,7 +128,8 @@ class Benchmark:
         env.setdefault("nnUNet_def_n_proc", "1" if self.device == "cpu" else str(min(8, os.cpu_count() or 1)))
         # set only for training (planning in 2.8.1 crashes on 0); the user's own value is kept for that
         user_da = env.pop("nnUNet_n_proc_DA", None)
-        self.n_proc_da = training_n_proc_da(self.device, getattr(args, "jobs", 1), user_da)
+        self.jobs = getattr(args, "jobs", 1)
+        self.n_proc_da = training_n_proc_da(self.device, self.jobs, user_da)
         self.n_proc_da_pretrain = training_n_proc_da(self.device, 1, user_da)  # it runs alone
         for var in ABLATION_VARS.values():
             env.pop(var, None)  # only the flags set them, so a run's label always says what it trained with
@@ -136,7 +137,6 @@ class Benchmark:
         self.env = env
         (out_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.run = StageRunner(env, out_dir / "logs", "gemini_benchmark")
-        self.jobs = getattr(args, "jobs", 1)
         self._lock = threading.Lock()  # --jobs > 1: runs append to results.json from several threads
         self.results_path = out_dir / RESULTS_JSON
         self.results = self._load_results()
@@ -217,8 +217,7 @@ class Benchmark:
     def train_and_score(self, method: str, n: int, draw: int, epochs: int, reference: bool = False,
                         pretrain_share: float = 0.0) -> dict:
         iterations = epochs * self.budget["train_iters"]
-        ablation = {k: v for k, v in self.ablation.items() if v is not None and method in USES_GEMINI_LOSS}
-        label = method_label(method, ablation.get("gemini_weight"), ablation.get("gemini_rampup_epochs"))
+        ablation, label = self.ablation_of(method)
         key = (label, n, draw, iterations, reference)
         done = self._finished(key)
         if done is not None:
@@ -261,6 +260,11 @@ class Benchmark:
             self._save()
         print(f"[gemini_benchmark] {label} N={n} draw={draw}: mean Dice {run['dice_mean']:.4f}", flush=True)
         return run
+
+    def ablation_of(self, method: str):
+        """({flag: value} of this call's ablation flags that apply to `method`, the label it runs under)."""
+        ablation = {k: v for k, v in self.ablation.items() if v is not None and method in USES_GEMINI_LOSS}
+        return ablation, method_label(method, ablation.get("gemini_weight"), ablation.get("gemini_rampup_epochs"))
 
     def ablation_results_dir(self, suffix: str, method: str) -> str:
         """nnUNet_results of an ablation's runs (own folder: the same trainer and fold as the main
@@ -365,7 +369,7 @@ class Benchmark:
     def report_labels(self, methods) -> List[str]:
         """This call's rows and every other row of the same budget already in results.json (earlier
         ablation calls), so the table grows with each call; in METHODS order, each ablation after its method."""
-        labels = {method_label(m, *(self.ablation[k] for k in ABLATION_VARS)) for m in methods}
+        labels = {self.ablation_of(m)[1] for m in methods}
         iterations = budget_iterations(self.budget)
         labels |= {_label(r) for r in self.results["runs"] if r["iterations"] == iterations and not r.get("reference")}
         base = lambda label: label.split(" (")[0]

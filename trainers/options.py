@@ -29,6 +29,9 @@ class GeminiRunOptions:
     final_validation: bool = True        # 0: skip nnU-Net's validation after training (the benchmark scores imagesTs)
 
 
+_ZERO_ALLOWED = ("max_nonfinite", "rampup_epochs")  # the integer options that may be 0
+
+
 def _parse(name: str, raw: str, kind):
     var = PREFIX + name
     try:
@@ -42,10 +45,9 @@ def _parse(name: str, raw: str, kind):
     except ValueError:
         raise GeminiUserError(f"environment variable {var}={raw!r} is not a valid "
                               f"{'0/1 switch' if kind is bool else kind.__name__}: fix or unset it.") from None
-    if kind is int and value < (0 if name in ("max_nonfinite", "rampup_epochs") else 1):
+    if kind is int and value < (0 if name in _ZERO_ALLOWED else 1):
         raise GeminiUserError(f"environment variable {var}={raw!r} must be a "
-                              f"{'non-negative' if name in ('max_nonfinite', 'rampup_epochs') else 'positive'} "
-                              f"integer: fix or unset it.")
+                              f"{'non-negative' if name in _ZERO_ALLOWED else 'positive'} integer: fix or unset it.")
     if kind is float and not (value >= 0 and value < float("inf")):
         raise GeminiUserError(f"environment variable {var}={raw!r} must be a finite number >= 0: fix or unset it.")
     if name == "deformation" and value not in DEFORMATIONS:
