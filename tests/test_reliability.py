@@ -510,6 +510,8 @@ RELIABILITY_TABLE = [
         "test_pretrain.py::test_nonfinite_loss_skips_the_update_then_stops"),
     Row("non-finite losses in a row stop gemini_pretrain", "FAULT",
         _here("test_nonfinite_losses_stop_the_cli_with_a_message_and_no_final_checkpoint")),
+    Row("-num_gpus that does not divide the plans' batch size (nnU-Net's batch Dice under DDP)", "ERROR",
+        "test_trainers.py::test_uneven_ddp_batch_split_is_refused_with_the_fix"),
     Row("non-finite loss, trainer (GEMINI_TEST_NONFINITE_ITERS)", "FAULT",
         "test_trainers.py::test_nonfinite_loss_skips_the_update_then_stops"),
     Row("our checkpoints load with weights_only=True", "SAFE",

@@ -425,3 +425,57 @@ def test_find_best_configuration_and_ensembling_accept_our_results(demo_copy, tm
     ensembled = sorted(f for f in os.listdir(out) if f.endswith(".nii.gz"))
     assert ensembled == sorted(f for f in os.listdir(predicted) if f.endswith(".nii.gz"))
     assert len(ensembled) == DEMO_CASES["test"]
+
+
+# ------------------------------------------------------------------------- data-parallel (DDP)
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_cpu_processes_keep_network_and_deformer_identical(demo_copy, tmp_path):
+    """-num_gpus 2 runs nnU-Net's DDP path; here the same trainer code on 2 CPU processes (gloo).
+    The ranks start from different random states on purpose: the deformer (outside DDP) must be
+    made identical by the trainer itself and stay so (gradients averaged by hand), like the network."""
+    import torch
+    demo, env = demo_copy
+    env = dict(env, nnUNet_results=str(tmp_path / "results"), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), WORLD_SIZE="2", nnUNet_gemini_final_validation="0",
+               nnUNet_gemini_unlabeled_batch="2", nnUNet_compile="0")
+    pool = os.path.join(env["nnUNet_preprocessed"], demo.dataset_name, "nnUNetPlans_3d_fullres_gemini_unlabeled")
+    shutil.rmtree(pool, ignore_errors=True)  # built on first use: by rank 0 alone, the other rank waits
+    worker = os.path.join(os.path.dirname(__file__), "ddp_trainer_worker.py")
+    procs = [subprocess.Popen([sys.executable, worker, str(demo.dataset_id), "3d_fullres", "nnUNetTrainerGEMINI_NoPretrain",
+                               str(tmp_path)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(f"--- rank {r} ---\n{out[-4000:]}"
+                                                            for r, out in enumerate(outputs))
+    ranks = [torch.load(str(tmp_path / f"rank{r}.pt"), map_location="cpu", weights_only=False) for r in range(2)]
+    assert [r["unlabeled_batch"] for r in ranks] == [1, 1]  # 2 pairs split over 2 ranks
+    for part in ("network", "deformer"):
+        a, b = ranks[0][part], ranks[1][part]
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{part} {k} differs between the ranks"
+    fold_dir = ranks[0]["output_folder"]
+    ckpt = torch.load(os.path.join(fold_dir, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    for k, v in ckpt["gemini"]["deformer_weights"].items():
+        assert torch.equal(v, ranks[0]["deformer"][k])
+    logs = [f for f in os.listdir(fold_dir) if f.startswith("training_log_")]
+    assert len(logs) == 1  # rank 0 alone logs
+    log = open(os.path.join(fold_dir, logs[0])).read()
+    assert "gemini total" in log and log.count("Preprocessing the unlabelled pool") == 1
+    assert f"Unlabelled pool for GEMINI pairs: {DEMO_CASES['labeled'] + DEMO_CASES['unlabeled']} cases" in log
+
+
+def test_uneven_ddp_batch_split_is_refused_with_the_fix():
+    from nnunet_gemini.errors import GeminiUserError
+    from nnunet_gemini.trainers.nnUNetTrainerGEMINI import refuse_uneven_ddp_batch
+    for ok in ((2, 2, True), (4, 2, True), (5, 1, True), (5, 2, False)):
+        refuse_uneven_ddp_batch(*ok)
+    with pytest.raises(GeminiUserError, match=r"batch size 5 does not split evenly over 2 GPUs.*-num_gpus.*"
+                                              r"batch_size in the plans to a multiple of 2"):
+        refuse_uneven_ddp_batch(5, 2, True)

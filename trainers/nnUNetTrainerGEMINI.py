@@ -50,6 +50,18 @@ def _refuse_cascade(plans: dict, configuration: str) -> None:
             f"Train 3d_fullres, 3d_lowres or 2d with -tr nnUNetTrainerGEMINI, or the cascade with nnUNetTrainer.")
 
 
+def refuse_uneven_ddp_batch(global_batch: int, world_size: int, batch_dice: bool) -> None:
+    """nnU-Net splits the batch over DDP ranks unevenly when it does not divide (5 over 2 GPUs:
+    3 + 2), and its batch Dice then all-gathers per-rank tensors of different sizes: gloo fails
+    with "Received data size doesn't match", NCCL may hang. Fail before any work instead."""
+    if world_size > 1 and batch_dice and global_batch % world_size:
+        raise GeminiUserError(
+            f"the plans' batch size {global_batch} does not split evenly over {world_size} GPUs (-num_gpus), "
+            f"which nnU-Net's batch Dice loss cannot handle under DDP. Use a -num_gpus that divides "
+            f"{global_batch}, or set the configuration's batch_size in the plans to a multiple of {world_size} "
+            f"(nnU-Net's documentation/explanation_plans_files.md).")
+
+
 def _state_fingerprint(module: torch.nn.Module) -> List[float]:
     """Cheap summary of a module's weights, to notice that someone replaced them."""
     with torch.no_grad():
@@ -117,6 +129,10 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
 
     def initialize(self):
         apply_budget(self, self.gemini_options)
+        if self.is_ddp:
+            import torch.distributed as dist
+            refuse_uneven_ddp_batch(self.configuration_manager.batch_size, dist.get_world_size(),
+                                    self.configuration_manager.batch_dice)
         if self.gemini_options.unlabeled_batch is not None:
             self.unlabeled_batch = self.gemini_options.unlabeled_batch
         else:
@@ -141,6 +157,13 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
             self.unlabeled_batch = self.unlabeled_batch // world + (1 if rank < self.unlabeled_batch % world else 0)
         if pretrained_ckpt is not None:
             self._apply_pretrained(*pretrained_ckpt)
+        if self.is_ddp and self.gemini_semi_supervised:
+            # DDP broadcasts the network from rank 0 when it wraps it; the deformer is not wrapped
+            # (see _average_deformer_gradients), so rank 0's is broadcast here: without it each rank
+            # would train its own randomly initialised deformer (gradients averaged, weights apart).
+            import torch.distributed as dist
+            for tensor in self.gemini_deformer.state_dict().values():
+                dist.broadcast(tensor, src=0)
         if self.gemini_semi_supervised:
             from nnunet_gemini.gemini_step import GeminiStep
             from nnunet_gemini.network import DecoderFeatureTap
@@ -269,9 +292,14 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         dataset, plans, config = (self.plans_manager.dataset_name, self.plans_manager.plans_name,
                                   self.configuration_name)
         pool_folder = unlabeled.pool_folder_for(dataset, plans, config)
-        if not os.path.isfile(os.path.join(pool_folder, unlabeled.MANIFEST_NAME)):
+        # under DDP rank 0 alone builds a missing pool; the others wait for it (two ranks writing
+        # one manifest would race, and a rank reading a half-written pool would see too few cases)
+        if self.local_rank == 0 and not os.path.isfile(os.path.join(pool_folder, unlabeled.MANIFEST_NAME)):
             self.print_to_log_file(f"Preprocessing the unlabelled pool into {pool_folder} (first use)...")
             unlabeled.preprocess_pool(dataset, plans, config, num_processes=1)
+        if self.is_ddp:
+            import torch.distributed as dist
+            dist.barrier()
         tr_keys, val_keys = self._split_keys
         # fold 'all' validates on the training cases: then the labelled images stay in the pool
         exclude = [] if self.fold == "all" else val_keys
