@@ -5,7 +5,7 @@ THE SAME number of supervised iterations (nnUNet_gemini_* budget variables), pre
 with nnUNetv2_predict and is scored against labelsTs (Dice per structure, mean foreground Dice,
 per-case means). The plain baseline runs as nnUNetTrainerEnvBudget (nnUNetTrainer honouring the
 budget) and is reported as "nnUNetTrainer". One gemini_pretrain run serves every method that
-loads it; its wall time is shared out among those runs. Registration quality of the pre-trained
+loads it; its wall time is shared out equally among all runs in results.json that load it. Registration quality of the pre-trained
 deformer(s) (warped-label Dice over ordered test pairs, folding fraction) comes from
 gemini_register's Python API.
 
@@ -214,8 +214,7 @@ class Benchmark:
         self._save()
         return record
 
-    def train_and_score(self, method: str, n: int, draw: int, epochs: int, reference: bool = False,
-                        pretrain_share: float = 0.0) -> dict:
+    def train_and_score(self, method: str, n: int, draw: int, epochs: int, reference: bool = False) -> dict:
         iterations = epochs * self.budget["train_iters"]
         ablation, label = self.ablation_of(method)
         key = (label, n, draw, iterations, reference)
@@ -252,9 +251,11 @@ class Benchmark:
                "reference": reference,
                "train_cases": self.folds[(n, draw)]["train"], "iterations": iterations, "epochs": epochs,
                "iters_per_epoch": self.budget["train_iters"], **scores,
-               "train_seconds": train_s, "predict_seconds": predict_s, "pretrain_share_seconds": round(pretrain_share, 1),
-               "wall_seconds": round(train_s + predict_s + pretrain_share, 1), "device": self.device,
+               "train_seconds": train_s, "predict_seconds": predict_s, "pretrain_share_seconds": 0.0,
+               "wall_seconds": round(train_s + predict_s, 1), "device": self.device,
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if method in USES_PRETRAINING:  # its share is set by share_pretraining once all runs are known
+            run["pretrain_iterations"] = self.results["pretraining"]["diffeomorphic"]["iterations"]
         with self._lock:
             self.results["runs"].append(run)
             self._save()
@@ -348,10 +349,9 @@ class Benchmark:
         self._save()
         deformations = {"both": DEFORMATIONS, "diffeomorphic": ("diffeomorphic",), "none": ()}[self.a.registration]
         need_pretrain = bool(USES_PRETRAINING & set(methods)) or bool(deformations)
-        pretrain_seconds = self.pretrain("diffeomorphic")["seconds"] if need_pretrain else 0.0
-        sharing = len(USES_PRETRAINING & set(methods)) * len(ns) * self.a.draws
-        runs = [dict(method=method, n=n, draw=draw, epochs=self.budget["train_epochs"],
-                     pretrain_share=pretrain_seconds / sharing if method in USES_PRETRAINING else 0.0)
+        if need_pretrain:
+            self.pretrain("diffeomorphic")
+        runs = [dict(method=method, n=n, draw=draw, epochs=self.budget["train_epochs"])
                 for n in ns for draw in draws for method in methods]
         if self.a.reference_iters:
             epochs = max(1, math.ceil(self.a.reference_iters / self.budget["train_iters"]))
@@ -362,6 +362,7 @@ class Benchmark:
             self.registration(deformation)
         if deformations:
             self.unregistered_dice()
+        share_pretraining(self.results)
         self.results["last_call_seconds"] = round(time.time() - t_start, 1)
         self._save()
         write_reports(self.results, self.out, self.report_labels(methods), ns, budget_iterations(self.budget))
@@ -375,6 +376,22 @@ class Benchmark:
         base = lambda label: label.split(" (")[0]
         return sorted(labels, key=lambda x: (METHODS.index(base(x)) if base(x) in METHODS else len(METHODS),
                                              x != base(x), x))
+
+
+def share_pretraining(results: dict) -> None:
+    """Each run that loads the shared (diffeomorphic) pre-training carries an equal share of its
+    wall time: pre-training seconds / all such runs in results.json, this call's and earlier
+    calls' alike (ablation rows included), so the share does not depend on how the study was
+    split into calls. Runs of an earlier, replaced pre-training keep the share they had."""
+    record = results.get("pretraining", {}).get("diffeomorphic")
+    if not record:
+        return
+    users = [r for r in results["runs"] if r["method"] in USES_PRETRAINING and not r.get("reference")
+             and r.get("pretrain_iterations", record["iterations"]) == record["iterations"]]
+    for r in users:
+        r["pretrain_iterations"] = record["iterations"]
+        r["pretrain_share_seconds"] = round(record["seconds"] / len(users), 1)
+        r["wall_seconds"] = round(r["train_seconds"] + r["predict_seconds"] + record["seconds"] / len(users), 1)
 
 
 # ---------------------------------------------------------------------- reports

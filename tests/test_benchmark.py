@@ -106,6 +106,27 @@ def test_reports_aggregate_over_draws(tmp_path):
     assert (tmp_path / "results.png").is_file()
 
 
+def test_pretraining_wall_time_is_shared_by_every_run_that_loads_it():
+    """The share is pre-training seconds / all runs loading it, however the study was split into
+    calls (a one-run ablation call does not carry the whole pre-training); runs of a replaced
+    pre-training keep theirs; baselines and NoPretrain carry none."""
+    from nnunet_gemini.benchmark import share_pretraining
+
+    def run(method, label=None, **extra):
+        return {"method": method, "label": label or method, "train_seconds": 100.0, "predict_seconds": 10.0,
+                "pretrain_share_seconds": 0.0, "wall_seconds": 110.0, **extra}
+    runs = [run("nnUNetTrainer"), run("nnUNetTrainerGEMINI_NoPretrain"), run("nnUNetTrainerGEMINI"),
+            run("nnUNetTrainerGEMINIFinetune"), run("nnUNetTrainerGEMINI", "nnUNetTrainerGEMINI (weight 0.3)"),
+            run("nnUNetTrainerGEMINI", pretrain_iterations=50, pretrain_share_seconds=7.0, wall_seconds=117.0),
+            run("nnUNetTrainerGEMINI", reference=True)]
+    results = {"runs": runs, "pretraining": {"diffeomorphic": {"iterations": 1000, "seconds": 300.0}}}
+    share_pretraining(results)
+    assert [r["pretrain_share_seconds"] for r in runs] == [0.0, 0.0, 100.0, 100.0, 100.0, 7.0, 0.0]
+    assert [r["wall_seconds"] for r in runs] == [110.0, 110.0, 210.0, 210.0, 210.0, 117.0, 110.0]
+    assert runs[2]["pretrain_iterations"] == 1000
+    share_pretraining({"runs": runs, "pretraining": {}})  # no pre-training yet: nothing changes
+    assert runs[2]["wall_seconds"] == 210.0
+
 
 def test_ablation_is_a_row_of_its_own_and_keeps_the_main_runs(tiny_study):
     out, env = tiny_study["out"], tiny_study["env"]
