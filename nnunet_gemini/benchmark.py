@@ -401,13 +401,16 @@ def _mean_std(values: List[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f} ({len(values)})"
 
 
+def budget_runs(results: dict, iterations: int, label: str, n: int) -> List[dict]:
+    """The runs of one table cell: this label and N at the budget's iterations, reference runs apart.
+    The Dice columns, the wall-time column and the per-structure table all count these."""
+    return [r for r in results["runs"] if not r.get("reference") and r["iterations"] == iterations
+            and _label(r) == label and r["n"] == n]
+
+
 def summarise(results: dict, methods, ns, iterations: int) -> Dict[str, Dict[int, List[float]]]:
     """{method label: {N: [run mean Dice over draws]}} of the budget runs (reference runs excluded)."""
-    table = {m: {n: [] for n in ns} for m in methods}
-    for r in results["runs"]:
-        if not r.get("reference") and r["iterations"] == iterations and _label(r) in table and r["n"] in ns:
-            table[_label(r)][r["n"]].append(r["dice_mean"])
-    return table
+    return {m: {n: [r["dice_mean"] for r in budget_runs(results, iterations, m, n)] for n in ns} for m in methods}
 
 
 def write_reports(results: dict, out: Path, methods, ns, iterations: int) -> None:
@@ -425,10 +428,9 @@ def write_reports(results: dict, out: Path, methods, ns, iterations: int) -> Non
              "| method | " + " | ".join(f"N = {n}" for n in ns) + " | mean wall time / run (s) |",
              "|---|" + "---|" * len(ns) + "---|"]
     for m in methods:
-        walls = [r["wall_seconds"] for r in results["runs"] if _label(r) == m and not r.get("reference")
-                 and r["iterations"] == iterations]
+        walls = [r["wall_seconds"] for n in ns for r in budget_runs(results, iterations, m, n)]
         lines.append(f"| {m} | " + " | ".join(_mean_std(table[m][n]) for n in ns)
-                     + f" | {np.mean(walls):.0f} |" if walls else f"| {m} | " + " | ".join("–" for _ in ns) + " | – |")
+                     + (f" | {np.mean(walls):.0f} |" if walls else " | – |"))
     for r in sorted(refs, key=lambda r: (r["iterations"], r["n"])):
         lines.append(f"| nnUNetTrainer, reference {r['iterations']} it (draw {r['draw']}) | "
                      + " | ".join(f"{r['dice_mean']:.3f}" if r["n"] == n else "" for n in ns)
@@ -439,8 +441,7 @@ def write_reports(results: dict, out: Path, methods, ns, iterations: int) -> Non
                   "| method | N | " + " | ".join(structures) + " |", "|---|---|" + "---|" * len(structures)]
         for m in methods:
             for n in ns:
-                runs = [r for r in results["runs"] if _label(r) == m and r["n"] == n and not r.get("reference")
-                        and r["iterations"] == iterations]
+                runs = budget_runs(results, iterations, m, n)
                 if runs:
                     lines.append(f"| {m} | {n} | " + " | ".join(
                         f"{np.nanmean([r['dice_per_structure'][s] for r in runs]):.3f}" for s in structures) + " |")
