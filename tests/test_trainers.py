@@ -389,7 +389,6 @@ def test_checkpoint_resume_restores_deformer_optimizer_and_logging(started_train
 
 
 def test_continue_from_a_checkpoint_without_deformer_is_refused(api_env, tmp_path):
-    import torch
     from nnunet_gemini.errors import GeminiUserError
     demo, env = api_env
     plain = make_trainer("nnUNetTrainerEnvBudget", demo, env)
