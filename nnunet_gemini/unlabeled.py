@@ -12,6 +12,9 @@ training case of nnU-Net). Each case is saved with nnUNetDatasetBlosc2.save_case
 because the dataset class always opens one: it is never a label. The manifest gemini_pool.json
 lists the completed cases and is rewritten atomically after each case, so a case counts as done
 only once its files are complete; a crash leaves at most files that the next run redoes.
+A done case is kept while its source files keep their path (relative to the dataset's raw
+folder, so a moved nnUNet_raw is not redone), size and modification time; an image replaced in
+place is preprocessed again.
 """
 import gzip
 import json
@@ -268,6 +271,26 @@ def _run_in_process_worker(args) -> Tuple[PoolCase, str]:
     return _process_worker(*args)
 
 
+def _file_stamps(files: Sequence[str], raw_folder: str) -> List[list]:
+    """[path, size, mtime_ns] per source file: what tells a run whether a done case is still the
+    same image. The path is relative to the dataset's raw folder (absolute outside it, e.g.
+    --unlabeled_dir), so moving nnUNet_raw (mv, rsync -a, cp -p keep mtimes) redoes nothing."""
+    stamps = []
+    for f in files:
+        rel = os.path.relpath(f, raw_folder)
+        st = os.stat(f)
+        stamps.append([f if rel.startswith(os.pardir) else rel, st.st_size, st.st_mtime_ns])
+    return stamps
+
+
+def _unchanged(entry: dict, case: PoolCase, stamps: List[list]) -> bool:
+    if entry["source"] != case.source:
+        return False
+    if "stamps" in entry:
+        return entry["stamps"] == stamps
+    return tuple(entry["files"]) == case.files  # a manifest written before stamps existed
+
+
 def preprocess_pool(dataset_name: str, plans_identifier: str = "nnUNetPlans",
                     configuration: str = "3d_fullres", num_processes: int = 1,
                     unlabeled_dirs: Sequence[str] = (), include_test_images: bool = False,
@@ -291,10 +314,13 @@ def preprocess_pool(dataset_name: str, plans_identifier: str = "nnUNetPlans",
     done = {c["case_id"]: c for c in manifest.get("cases", [])
             if all(os.path.isfile(f) for f in _case_files(pool_folder, c["case_id"]))}
     wanted = {c.case_id: c for c in cases}
-    todo = [c for c in cases if c.case_id not in done or
-            (done[c.case_id]["source"], tuple(done[c.case_id]["files"])) != (c.source, c.files)]
-    # cases whose source files vanished leave the pool (their files go too)
-    entries = {k: v for k, v in done.items() if k in wanted and wanted[k] not in todo}
+    raw_folder = datasets.raw_dataset_folder(dataset_name)
+    stamps = {c.case_id: _file_stamps(c.files, raw_folder) for c in cases}
+    todo = [c for c in cases if c.case_id not in done or not _unchanged(done[c.case_id], c, stamps[c.case_id])]
+    # cases whose source files vanished leave the pool (their files go too); kept ones record
+    # where their sources are now
+    entries = {k: {**v, "files": list(wanted[k].files), "stamps": stamps[k]}
+               for k, v in done.items() if k in wanted and wanted[k] not in todo}
     for stale in set(done) - set(entries):
         if stale not in wanted:
             for f in _case_files(pool_folder, stale):
@@ -317,7 +343,7 @@ def preprocess_pool(dataset_name: str, plans_identifier: str = "nnUNetPlans",
             warn_user(f"{why}; skipping pool case '{case.case_id}'.")
             skipped[case.case_id] = why
         else:
-            entries[case.case_id] = {**asdict(case), "files": list(case.files)}
+            entries[case.case_id] = {**asdict(case), "files": list(case.files), "stamps": stamps[case.case_id]}
             processed.append(case.case_id)
             record()  # the manifest entry is written last: only complete cases count as done
 

@@ -497,6 +497,8 @@ RELIABILITY_TABLE = [
         "test_losses.py::test_constant_images_give_documented_value_and_finite_gradients"),
     Row("image smaller than the patch", "OK",
         _here("test_constant_and_smaller_than_patch_images_train_with_finite_values")),
+    Row("pool image replaced in place, or nnUNet_raw moved, after the pool was built", "OK",
+        "test_unlabeled.py::test_moved_raw_folder_redoes_nothing_and_a_replaced_image_is_redone"),
     Row("a crash while preprocessing the pool leaves no case counted as done", "FAULT",
         "test_unlabeled.py::test_partial_case_not_in_manifest_is_redone"),
     Row("killed while saving a checkpoint (GEMINI_TEST_ABORT_AFTER_TMP_WRITE)", "FAULT",

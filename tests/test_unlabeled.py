@@ -186,6 +186,40 @@ def test_preprocess_writes_sibling_folder_and_is_incremental(env_root, capsys):
         sorted(set(all_ids() + ["late"]) - {TR_IDS[0]})
 
 
+def test_moved_raw_folder_redoes_nothing_and_a_replaced_image_is_redone(env_root, monkeypatch):
+    import json
+    pool = unlabeled.preprocess_pool(DATASET).folder
+    manifest_path = os.path.join(pool, unlabeled.MANIFEST_NAME)
+    # nnUNet_raw moved (mv keeps sizes and mtimes): nothing is preprocessed again, the manifest follows
+    moved = os.path.join(env_root, "raw_moved")
+    shutil.move(os.path.join(env_root, "raw"), moved)
+    monkeypatch.setenv("nnUNet_raw", moved)
+    assert unlabeled.preprocess_pool(DATASET).processed == []
+    files = [f for c in json.load(open(manifest_path))["cases"] for f in c["files"]]
+    assert files and all(f.startswith(moved + os.sep) for f in files)
+
+    # an image replaced in place (new content, later mtime): that case alone is redone
+    case = UNL_IDS[0]
+    before, _, _, _ = unlabeled.load_pool_dataset(pool, [case]).load_case(case)
+    before = np.array(before)
+    path = os.path.join(moved, DATASET, "imagesUnlabeled", case + "_0000.nii.gz")
+    mtime = os.stat(path).st_mtime_ns
+    write_image(_blob(77), path)
+    os.utime(path, ns=(mtime + 10 ** 9, mtime + 10 ** 9))
+    assert unlabeled.preprocess_pool(DATASET).processed == [case]
+    after, _, _, _ = unlabeled.load_pool_dataset(pool, [case]).load_case(case)
+    after = np.array(after)
+    assert after.shape != before.shape or not np.allclose(before, after)  # the new image's data
+
+    # a manifest written before the stamps existed: same files -> kept, stamps added
+    manifest = json.load(open(manifest_path))
+    for c in manifest["cases"]:
+        del c["stamps"]
+    json.dump(manifest, open(manifest_path, "w"))
+    assert unlabeled.preprocess_pool(DATASET).processed == []
+    assert all(len(c["stamps"]) == len(c["files"]) for c in json.load(open(manifest_path))["cases"])
+
+
 def test_partial_case_not_in_manifest_is_redone(env_root):
     pool = unlabeled.preprocess_pool(DATASET).folder
     # simulate a crash after writing a case's data but before its manifest entry
