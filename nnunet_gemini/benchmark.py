@@ -49,7 +49,8 @@ METHODS = ("nnUNetTrainer", "nnUNetTrainerGEMINIFinetune", "nnUNetTrainerGEMINI_
 TRAINER_OF = {"nnUNetTrainer": "nnUNetTrainerEnvBudget"}   # reported name -> trainer that honours the budget
 USES_PRETRAINING = {"nnUNetTrainerGEMINI", "nnUNetTrainerGEMINIFinetune"}
 USES_GEMINI_LOSS = {"nnUNetTrainerGEMINI", "nnUNetTrainerGEMINI_NoPretrain"}  # --gemini_weight/--gemini_rampup_epochs
-ABLATION_VARS = {"gemini_weight": "nnUNet_gemini_weight", "gemini_rampup_epochs": "nnUNet_gemini_rampup_epochs"}
+ABLATION_VARS = {"gemini_weight": "nnUNet_gemini_weight", "gemini_rampup_epochs": "nnUNet_gemini_rampup_epochs",
+                 "gemini_pair_positions": "nnUNet_gemini_pair_positions"}
 DEFORMATIONS = ("diffeomorphic", "displacement")
 DEMO_ID = 991
 CONFIGURATION = "3d_fullres"
@@ -94,13 +95,15 @@ def _run_key(run: dict) -> tuple:
     return _label(run), run["n"], run["draw"], run["iterations"], run.get("reference", False)
 
 
-def method_label(method: str, weight: Optional[float] = None, rampup_epochs: Optional[int] = None) -> str:
-    """The name a run is reported and resumed under: an ablation of the GEMINI loss's weight or
-    ramp-up is its own row, e.g. "nnUNetTrainerGEMINI (weight 0.3, ramp-up 20 ep)"."""
+def method_label(method: str, weight: Optional[float] = None, rampup_epochs: Optional[int] = None,
+                 pair_positions: Optional[str] = None) -> str:
+    """The name a run is reported and resumed under: an ablation of the GEMINI loss's weight,
+    ramp-up or pair positions is its own row, e.g. "nnUNetTrainerGEMINI (weight 0.3, ramp-up 20 ep)"."""
     if method not in USES_GEMINI_LOSS:
         return method
     parts = ([f"weight {weight:g}"] if weight is not None else []) + \
-            ([f"ramp-up {rampup_epochs} ep"] if rampup_epochs is not None else [])
+            ([f"ramp-up {rampup_epochs} ep"] if rampup_epochs is not None else []) + \
+            ([f"pairs at {pair_positions} positions"] if pair_positions is not None else [])
     return f"{method} ({', '.join(parts)})" if parts else method
 
 
@@ -224,7 +227,8 @@ class Benchmark:
             return done
         fold = self.folds[(n, draw)]["fold"]
         trainer = TRAINER_OF.get(method, method)
-        suffix = "".join(f"_{k[len('gemini_'):]}{v:g}" for k, v in ablation.items())
+        suffix = "".join(f"_{k[len('gemini_'):]}{v if isinstance(v, str) else format(v, 'g')}"
+                         for k, v in ablation.items())
         tag = f"{method}{suffix}_N{n}_draw{draw}_{iterations}it"
         # a reference or ablation run gets its own results folder: it must not replace the budget run of this fold
         results_dir = (str(self.out / "nnUNet_results_reference") if reference else
@@ -265,7 +269,8 @@ class Benchmark:
     def ablation_of(self, method: str):
         """({flag: value} of this call's ablation flags that apply to `method`, the label it runs under)."""
         ablation = {k: v for k, v in self.ablation.items() if v is not None and method in USES_GEMINI_LOSS}
-        return ablation, method_label(method, ablation.get("gemini_weight"), ablation.get("gemini_rampup_epochs"))
+        return ablation, method_label(method, ablation.get("gemini_weight"), ablation.get("gemini_rampup_epochs"),
+                                      ablation.get("gemini_pair_positions"))
 
     def ablation_results_dir(self, suffix: str, method: str) -> str:
         """nnUNet_results of an ablation's runs (own folder: the same trainer and fold as the main
@@ -515,6 +520,11 @@ def _main(argv=None) -> int:
     p.add_argument("--gemini_rampup_epochs", type=int, default=None, metavar="R",
                    help="ablation: nnUNet_gemini_rampup_epochs (sigmoid ramp-up of the GEMINI weight over R epochs) "
                         "for the same methods, rows of their own. Default: no ramp-up")
+    from nnunet_gemini.pairs import PAIR_POSITIONS
+    p.add_argument("--gemini_pair_positions", choices=PAIR_POSITIONS, default=None,
+                   help="ablation: nnUNet_gemini_pair_positions for the same methods, rows of their own: the two "
+                        "patches of a GEMINI pair at the same relative position of their cases (the trainer "
+                        "default) or at independent random positions. Default: the trainer's")
     p.add_argument("--reference_iters", type=int, default=None, metavar="K",
                    help="one extra nnUNetTrainer run per N (draw 0) with about K supervised iterations")
     p.add_argument("--registration", choices=("both", "diffeomorphic", "none"), default="both",

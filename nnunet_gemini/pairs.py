@@ -1,5 +1,6 @@
 """Inter-subject pair batches for GEMINI: two DIFFERENT cases per pair, patches at the same
-relative position of each case, ONE shared spatial augmentation for both.
+relative position of each case (or independent positions, an ablation), ONE shared spatial
+augmentation for both.
 
 The shared augmentation is exact by construction: the pair is stacked as channels
 [A channels, B channels] and goes through one batchgeneratorsv2 SpatialTransform + MirrorTransform
@@ -32,6 +33,10 @@ from threadpoolctl import threadpool_limits
 
 from nnunet_gemini.errors import GeminiUserError
 
+# Where the two patches of a pair sit: "same" relative position of each case (the default: the
+# released code registered whole volumes, so a pair showed corresponding anatomy), or
+# "independent" random positions (an ablation of that correspondence).
+PAIR_POSITIONS = ("same", "independent")
 # Released GEMINI augmentation: rotation up to +-20 degrees per axis, scale 0.75-1.25.
 DEFAULT_ROTATION = (-20. / 360 * 2. * np.pi, 20. / 360 * 2. * np.pi)
 DEFAULT_SCALING = (0.75, 1.25)
@@ -43,16 +48,18 @@ def relative_start(shape: Sequence[int], patch_size: Sequence[int], u: Sequence[
     return [int(round(ui * (s - p))) for ui, s, p in zip(u, shape, patch_size)]
 
 
+def crop_at_relative_position(data, patch_size: Sequence[int], u: Sequence[float]) -> np.ndarray:
+    """Crop a (C, *spatial) array to (C, *patch_size) at relative position u in [0,1]^d; regions
+    outside the image are zero (nnU-Net's image padding value)."""
+    start = relative_start(data.shape[1:], patch_size, u)
+    bbox = [[0, data.shape[0]]] + [[s, s + p] for s, p in zip(start, patch_size)]
+    return crop_and_pad_nd(data, bbox, 0)
+
+
 def crop_pair_at_same_relative_position(data_a, data_b, patch_size: Sequence[int],
                                         u: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
-    """Crop (C, *spatial) arrays A and B to (C, *patch_size) at relative position u in [0,1]^d
-    of each; regions outside an image are zero (nnU-Net's image padding value)."""
-    crops = []
-    for data in (data_a, data_b):
-        start = relative_start(data.shape[1:], patch_size, u)
-        bbox = [[0, data.shape[0]]] + [[s, s + p] for s, p in zip(start, patch_size)]
-        crops.append(crop_and_pad_nd(data, bbox, 0))
-    return crops[0], crops[1]
+    """Crop A and B to (C, *patch_size) at the same relative position u of each."""
+    return crop_at_relative_position(data_a, patch_size, u), crop_at_relative_position(data_b, patch_size, u)
 
 
 def build_shared_spatial_transforms(patch_size: Sequence[int],
@@ -132,7 +139,9 @@ class PairDataLoader(DataLoader):
     def __init__(self, data, num_pairs: int, patch_size: Sequence[int],
                  spatial_transforms: Optional[BasicTransform] = None,
                  intensity_transforms: Optional[BasicTransform] = None,
-                 crop_size: Optional[Sequence[int]] = None):
+                 crop_size: Optional[Sequence[int]] = None, positions: str = "same"):
+        if positions not in PAIR_POSITIONS:
+            raise GeminiUserError(f"pair positions {positions!r} is not one of {PAIR_POSITIONS}")
         identifiers = list(data.identifiers)
         if len(identifiers) < 2:
             raise GeminiUserError(f"GEMINI pairs need at least 2 different cases, the pool has "
@@ -146,6 +155,7 @@ class PairDataLoader(DataLoader):
         self.crop_size = (1, *crop) if self.patch_size_was_2d else crop
         self.spatial_transforms = spatial_transforms
         self.intensity_transforms = intensity_transforms
+        self.positions = positions
 
     def _draw_pair(self) -> Tuple[str, str]:
         i, j = np.random.choice(len(self.indices), 2, replace=False)
@@ -162,9 +172,10 @@ class PairDataLoader(DataLoader):
             for p in range(self.num_pairs):
                 key_a, key_b = self._draw_pair()
                 keys.append((key_a, key_b))
-                u = np.random.uniform(0, 1, size=len(self.crop_size))
-                crop_a, crop_b = crop_pair_at_same_relative_position(
-                    self._load(key_a), self._load(key_b), self.crop_size, u)
+                u_a = np.random.uniform(0, 1, size=len(self.crop_size))
+                u_b = u_a if self.positions == "same" else np.random.uniform(0, 1, size=len(self.crop_size))
+                crop_a = crop_at_relative_position(self._load(key_a), self.crop_size, u_a)
+                crop_b = crop_at_relative_position(self._load(key_b), self.crop_size, u_b)
                 a = torch.from_numpy(np.ascontiguousarray(crop_a)).float()
                 b = torch.from_numpy(np.ascontiguousarray(crop_b)).float()
                 if self.patch_size_was_2d:
@@ -194,10 +205,11 @@ def make_pair_loader(dataset, num_pairs: int, patch_size: Sequence[int],
                      mirror_axes: Union[Tuple[int, ...], None, str] = "all",
                      do_dummy_2d_data_aug: bool = False, intensity_augmentation: bool = True,
                      num_workers: int = 0, num_cached: int = 6, pin_memory: bool = False,
-                     spatial_augmentation: bool = True):
+                     spatial_augmentation: bool = True, positions: str = "same"):
     """An endless iterator of pair batches: SingleThreadedAugmenter for num_workers == 0,
     NonDetMultiThreadedAugmenter with num_workers processes otherwise (call ._finish() to stop).
-    mirror_axes="all" mirrors along every spatial axis of the patch, None disables mirroring."""
+    mirror_axes="all" mirrors along every spatial axis of the patch, None disables mirroring.
+    positions: see PAIR_POSITIONS."""
     patch_size = tuple(int(i) for i in patch_size)
     if mirror_axes == "all":
         mirror_axes = tuple(range(len(patch_size)))
@@ -211,7 +223,7 @@ def make_pair_loader(dataset, num_pairs: int, patch_size: Sequence[int],
         crop = patch_size
     intensity = build_intensity_transforms((0,) if do_dummy_2d_data_aug else None) \
         if intensity_augmentation else None
-    loader = PairDataLoader(dataset, num_pairs, patch_size, spatial, intensity, crop_size=crop)
+    loader = PairDataLoader(dataset, num_pairs, patch_size, spatial, intensity, crop_size=crop, positions=positions)
     from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
     from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
     if num_workers == 0:

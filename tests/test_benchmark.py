@@ -155,6 +155,8 @@ def test_method_labels_and_ablation_results_dir_links_the_shared_pretraining(tmp
     assert method_label("nnUNetTrainerGEMINI", 0.3) == "nnUNetTrainerGEMINI (weight 0.3)"
     assert method_label("nnUNetTrainerGEMINI_NoPretrain", None, 0) == "nnUNetTrainerGEMINI_NoPretrain (ramp-up 0 ep)"
     assert method_label("nnUNetTrainerGEMINIFinetune", 0.3, 5) == "nnUNetTrainerGEMINIFinetune"  # no GEMINI loss
+    assert method_label("nnUNetTrainerGEMINI", None, None, "independent") == \
+        "nnUNetTrainerGEMINI (pairs at independent positions)"
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     bench = Benchmark.__new__(Benchmark)
     bench.out, bench.dataset_name = tmp_path / "study", "Dataset991_GeminiDemo"

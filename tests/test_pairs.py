@@ -82,6 +82,27 @@ def test_loader_pairs_different_cases_same_relative_position_no_labels():
     assert len(seen_pairs) > 3  # pairs are drawn at random, not a fixed schedule
 
 
+def test_independent_positions_break_the_correspondence_and_bad_value_is_refused():
+    """positions="independent" (an ablation): starts no longer come from one u, in most pairs."""
+    np.random.seed(1)
+    shapes = [(30, 30, 30), (30, 30, 30), (30, 30, 30)]  # same shapes: same u <=> same start
+    loader = make_pair_loader(ArrayDataset(_coded_cases(shapes)), num_pairs=4, patch_size=(8, 8, 8),
+                              spatial_augmentation=False, mirror_axes=None, intensity_augmentation=False,
+                              positions="independent")
+    same = total = 0
+    for _ in range(5):
+        batch = next(loader)
+        for p, (ka, kb) in enumerate(batch["keys"]):
+            assert ka != kb
+            start_a = _decode(batch["a"][p].numpy(), shapes[0])[1]
+            start_b = _decode(batch["b"][p].numpy(), shapes[0])[1]
+            same += start_a == start_b
+            total += 1
+    assert same <= 2 and total == 20  # 23^3 possible starts: a coincidence is rare
+    with pytest.raises(GeminiUserError, match="pair positions 'random' is not one of"):
+        make_pair_loader(ArrayDataset(_coded_cases(shapes)), 1, (8, 8, 8), positions="random")
+
+
 def test_shared_spatial_augmentation_moves_both_identically():
     torch.manual_seed(0)
     np.random.seed(0)

@@ -356,6 +356,24 @@ def test_rampup_factor_and_its_option():
         read_env_options({"nnUNet_gemini_rampup_epochs": "-1"})
 
 
+
+def test_pair_positions_option_reaches_the_pair_loader(api_env, monkeypatch):
+    from nnunet_gemini.errors import GeminiUserError
+    from nnunet_gemini.trainers.options import read_env_options
+    assert read_env_options({}).pair_positions == "same"
+    with pytest.raises(GeminiUserError, match="nnUNet_gemini_pair_positions='random' is not one of"):
+        read_env_options({"nnUNet_gemini_pair_positions": "random"})
+    demo, env = api_env
+    monkeypatch.setenv("nnUNet_gemini_pair_positions", "independent")
+    trainer = make_trainer("nnUNetTrainerGEMINI_NoPretrain", demo, env)
+    trainer.on_train_start()
+    try:
+        assert trainer.pair_loader.data_loader.positions == "independent"
+        assert "nnUNet_gemini_pair_positions = independent (environment)" in _log_text(trainer)
+    finally:
+        trainer.on_train_end()
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 def test_checkpoint_resume_restores_deformer_optimizer_and_logging(started_trainer, api_env, tmp_path):
     import torch

@@ -320,7 +320,8 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         return make_pair_loader(unlabeled.load_pool_dataset(pool_folder, case_ids), self.unlabeled_batch,
                                 self.configuration_manager.patch_size, mirror_axes=mirror_axes,
                                 do_dummy_2d_data_aug=dummy_2d, num_workers=get_allowed_n_proc_DA() // 2,
-                                pin_memory=self.device.type == 'cuda')
+                                pin_memory=self.device.type == 'cuda',
+                                positions=self.gemini_options.pair_positions)
 
     def on_train_end(self):
         super().on_train_end()

@@ -10,9 +10,11 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 from nnunet_gemini.errors import GeminiUserError
+from nnunet_gemini.pairs import PAIR_POSITIONS
 
 PREFIX = "nnUNet_gemini_"
 DEFORMATIONS = ("diffeomorphic", "displacement")
+_CHOICES = {"deformation": DEFORMATIONS, "pair_positions": PAIR_POSITIONS}
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class GeminiRunOptions:
     unlabeled_batch: Optional[int] = None  # pairs per iteration; None -> max(1, labelled batch // 2)
     auto_pretrained: bool = True         # load a gemini_pretrain checkpoint of this dataset/plans/config
     deformation: str = "diffeomorphic"   # deformer output: velocity (diffeomorphic) or displacement
+    pair_positions: str = "same"         # patches of a pair: same relative position (as designed) or independent
     max_nonfinite: int = 10              # non-finite losses in a row before training stops
     num_epochs: Optional[int] = None     # budget (None: the trainer's own value)
     iters_per_epoch: Optional[int] = None
@@ -50,13 +53,13 @@ def _parse(name: str, raw: str, kind):
                               f"{'non-negative' if name in _ZERO_ALLOWED else 'positive'} integer: fix or unset it.")
     if kind is float and not (value >= 0 and value < float("inf")):
         raise GeminiUserError(f"environment variable {var}={raw!r} must be a finite number >= 0: fix or unset it.")
-    if name == "deformation" and value not in DEFORMATIONS:
-        raise GeminiUserError(f"environment variable {var}={raw!r} is not one of {DEFORMATIONS}: "
+    if name in _CHOICES and value not in _CHOICES[name]:
+        raise GeminiUserError(f"environment variable {var}={raw!r} is not one of {_CHOICES[name]}: "
                               f"pick one of them or unset it.")
     return value
 
 
-_KINDS = {"weight": float, "rampup_epochs": int, "unlabeled_batch": int, "auto_pretrained": bool, "deformation": str,
+_KINDS = {"weight": float, "rampup_epochs": int, "unlabeled_batch": int, "auto_pretrained": bool, "deformation": str, "pair_positions": str,
           "max_nonfinite": int, "num_epochs": int, "iters_per_epoch": int, "val_iters": int,
           "final_validation": bool}
 
