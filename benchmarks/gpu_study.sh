@@ -7,6 +7,7 @@
 #   DEV=cpu SKIP_INSTALL=1 JOBS=2 N="1" DRAWS=1 STUDY="--budget quick --train_epochs 1 --train_iters 2 \
 #       --pretrain_epochs 1 --pretrain_iters 2" COMPILE_ITERS=2 benchmarks/gpu_study.sh   # dry run here
 #   ABLATION="--gemini_rampup_epochs 2" benchmarks/gpu_study.sh   # then the same study with a ramp-up, same -o
+#   ABLATION="--gemini_rampup_epochs 2; --gemini_pair_positions independent" ...  # several ablation calls
 set -u
 T0=$(date +%s)
 OUT=${OUT:-/tmp/gpu_study_out}; mkdir -p "$OUT"
@@ -49,9 +50,10 @@ study() {  # study NAME [EXTRA FLAGS...]: the benchmark on $OUT/study under what
     echo "=== $name rc=$? $(( $(date +%s) - s )) s"
 }
 study study
-# Optional ablation on the same -o (finished runs are skipped; only the GEMINI-loss methods train again),
-# e.g. ABLATION="--gemini_rampup_epochs 2" or ABLATION="--gemini_weight 0.3".
-[ -n "${ABLATION:-}" ] && study ablation $ABLATION
+# Optional ablations on the same -o (finished runs are skipped; only the GEMINI-loss methods train again),
+# one call per ';'-separated entry, e.g. ABLATION="--gemini_rampup_epochs 2; --gemini_weight 0.3".
+IFS=';' read -ra ABLATIONS <<< "${ABLATION:-}"
+for a in "${ABLATIONS[@]}"; do [ -n "${a// /}" ] && study "ablation $a" $a; done
 for f in "$OUT"/study/logs/train_*_N1_draw0_*.log; do  # epoch times of one draw: first (start-up) and last
     echo "$(basename $f): $(grep -o 'Epoch time: [0-9.]* s' $f | sed -n '1p;$p' | tr '\n' ' ')"; done
 wait $COMPILED_PID  # not a bare wait: it would also wait for the tee of the exec above
