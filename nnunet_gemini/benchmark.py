@@ -5,9 +5,9 @@ THE SAME number of supervised iterations (nnUNet_gemini_* budget variables), pre
 with nnUNetv2_predict and is scored against labelsTs (Dice per structure, mean foreground Dice,
 per-case means). The plain baseline runs as nnUNetTrainerEnvBudget (nnUNetTrainer honouring the
 budget) and is reported as "nnUNetTrainer". One gemini_pretrain run serves every method that
-loads it; its wall time is shared out equally among all runs in results.json that load it. Registration quality of the pre-trained
-deformer(s) (warped-label Dice over ordered test pairs, folding fraction) comes from
-gemini_register's Python API.
+loads it; its wall time is shared out equally among all runs in results.json that load it.
+Registration quality of the pre-trained deformer(s) (warped-label Dice over ordered test pairs,
+folding fraction) comes from gemini_register's Python API.
 
 Every stage is a real console command in a subprocess (logs in OUT/logs/). Resumable: each
 finished run is written atomically into OUT/results.json and skipped by a later call; the
@@ -48,7 +48,7 @@ BUDGETS = {
 METHODS = ("nnUNetTrainer", "nnUNetTrainerGEMINIFinetune", "nnUNetTrainerGEMINI_NoPretrain", "nnUNetTrainerGEMINI")
 TRAINER_OF = {"nnUNetTrainer": "nnUNetTrainerEnvBudget"}   # reported name -> trainer that honours the budget
 USES_PRETRAINING = {"nnUNetTrainerGEMINI", "nnUNetTrainerGEMINIFinetune"}
-USES_GEMINI_LOSS = {"nnUNetTrainerGEMINI", "nnUNetTrainerGEMINI_NoPretrain"}  # --gemini_weight/--gemini_rampup_epochs
+USES_GEMINI_LOSS = {"nnUNetTrainerGEMINI", "nnUNetTrainerGEMINI_NoPretrain"}  # what the --gemini_* ablations change
 ABLATION_VARS = {"gemini_weight": "nnUNet_gemini_weight", "gemini_rampup_epochs": "nnUNet_gemini_rampup_epochs",
                  "gemini_pair_positions": "nnUNet_gemini_pair_positions"}
 DEFORMATIONS = ("diffeomorphic", "displacement")
