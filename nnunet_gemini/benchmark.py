@@ -393,10 +393,11 @@ def share_pretraining(results: dict) -> None:
         return
     users = [r for r in results["runs"] if r["method"] in USES_PRETRAINING and not r.get("reference")
              and r.get("pretrain_iterations", record["iterations"]) == record["iterations"]]
+    share = record["seconds"] / max(1, len(users))
     for r in users:
         r["pretrain_iterations"] = record["iterations"]
-        r["pretrain_share_seconds"] = round(record["seconds"] / len(users), 1)
-        r["wall_seconds"] = round(r["train_seconds"] + r["predict_seconds"] + record["seconds"] / len(users), 1)
+        r["pretrain_share_seconds"] = round(share, 1)
+        r["wall_seconds"] = round(r["train_seconds"] + r["predict_seconds"] + share, 1)
 
 
 # ---------------------------------------------------------------------- reports

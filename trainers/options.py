@@ -10,10 +10,10 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 from nnunet_gemini.errors import GeminiUserError
+from nnunet_gemini.gemini_step import DEFORMATIONS
 from nnunet_gemini.pairs import PAIR_POSITIONS
 
 PREFIX = "nnUNet_gemini_"
-DEFORMATIONS = ("diffeomorphic", "displacement")
 _CHOICES = {"deformation": DEFORMATIONS, "pair_positions": PAIR_POSITIONS}
 
 
@@ -59,8 +59,8 @@ def _parse(name: str, raw: str, kind):
     return value
 
 
-_KINDS = {"weight": float, "rampup_epochs": int, "unlabeled_batch": int, "auto_pretrained": bool, "deformation": str, "pair_positions": str,
-          "max_nonfinite": int, "num_epochs": int, "iters_per_epoch": int, "val_iters": int,
+_KINDS = {"weight": float, "rampup_epochs": int, "unlabeled_batch": int, "auto_pretrained": bool,
+          "deformation": str, "pair_positions": str, "max_nonfinite": int, "num_epochs": int, "iters_per_epoch": int, "val_iters": int,
           "final_validation": bool}
 
 
