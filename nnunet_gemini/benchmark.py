@@ -14,6 +14,7 @@ finished run is written atomically into OUT/results.json and skipped by a later 
 Markdown table (results.md) and plot (results.png) are rebuilt from it every time.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from nnunet_gemini.errors import GeminiUserError, run_cli
-from nnunet_gemini.workflow import StageRunner, default_device, nnunet_folders, score_predictions
+from nnunet_gemini.workflow import StageRunner, default_device, nnunet_folders, project_revision, score_predictions
 
 # Iteration counts per budget (epochs x iterations per epoch; val = validation iterations per epoch).
 # quick fits the default matrix (3 N x 3 draws x 4 methods + the two pre-trainings) in about two hours
@@ -48,11 +49,21 @@ BUDGETS = {
 METHODS = ("nnUNetTrainer", "nnUNetTrainerGEMINIFinetune", "nnUNetTrainerGEMINI_NoPretrain", "nnUNetTrainerGEMINI")
 TRAINER_OF = {"nnUNetTrainer": "nnUNetTrainerEnvBudget"}   # reported name -> trainer that honours the budget
 USES_PRETRAINING = {"nnUNetTrainerGEMINI", "nnUNetTrainerGEMINIFinetune"}
-USES_GEMINI_LOSS = {"nnUNetTrainerGEMINI", "nnUNetTrainerGEMINI_NoPretrain"}  # what the --gemini_* ablations change
-ABLATION_VARS = {"gemini_weight": "nnUNet_gemini_weight", "gemini_rampup_epochs": "nnUNet_gemini_rampup_epochs",
-                 "gemini_pair_positions": "nnUNet_gemini_pair_positions"}
+USES_GEMINI_LOSS = {"nnUNetTrainerGEMINI", "nnUNetTrainerGEMINI_NoPretrain"}
+GEMINI_TRAINERS = USES_GEMINI_LOSS | {"nnUNetTrainerGEMINIFinetune"}  # read the nnUNet_gemini_* run options
+# ablation flag -> (trainer option it sets, how its row is labelled, the methods it applies to); an
+# ablation's runs are rows of their own, e.g. "nnUNetTrainerGEMINI (weight 0.3, warm-up 0.05 of the run)"
+ABLATIONS = {
+    "gemini_weight": ("nnUNet_gemini_weight", "weight {:g}", USES_GEMINI_LOSS),
+    "gemini_rampup": ("nnUNet_gemini_rampup", "ramp-up {:g} of the run", USES_GEMINI_LOSS),
+    "gemini_pair_positions": ("nnUNet_gemini_pair_positions", "pairs at {} positions", USES_GEMINI_LOSS),
+    "gemini_deformer_lr": ("nnUNet_gemini_deformer_lr", "deformer lr {:g}", USES_GEMINI_LOSS),
+    "gemini_lr": ("nnUNet_gemini_lr", "lr {:g}", GEMINI_TRAINERS),
+    "gemini_warmup": ("nnUNet_gemini_warmup", "warm-up {:g} of the run", GEMINI_TRAINERS),
+}
 DEFORMATIONS = ("diffeomorphic", "displacement")
 DEMO_ID = 991
+COLLECTION_FIRST_ID = 901  # --collection datasets: 901, 902, ... under -o (never the user's nnUNet_raw)
 CONFIGURATION = "3d_fullres"
 PLANS = "nnUNetPlans"
 RESULTS_JSON, RESULTS_MD, RESULTS_PNG = "results.json", "results.md", "results.png"
@@ -95,15 +106,11 @@ def _run_key(run: dict) -> tuple:
     return _label(run), run["n"], run["draw"], run["iterations"], run.get("reference", False)
 
 
-def method_label(method: str, weight: Optional[float] = None, rampup_epochs: Optional[int] = None,
-                 pair_positions: Optional[str] = None) -> str:
-    """The name a run is reported and resumed under: an ablation of the GEMINI loss's weight,
-    ramp-up or pair positions is its own row, e.g. "nnUNetTrainerGEMINI (weight 0.3, ramp-up 20 ep)"."""
-    if method not in USES_GEMINI_LOSS:
-        return method
-    parts = ([f"weight {weight:g}"] if weight is not None else []) + \
-            ([f"ramp-up {rampup_epochs} ep"] if rampup_epochs is not None else []) + \
-            ([f"pairs at {pair_positions} positions"] if pair_positions is not None else [])
+def method_label(method: str, **ablation) -> str:
+    """The name a run is reported and resumed under: the method, with the ablations that apply to
+    it in ABLATIONS order, e.g. "nnUNetTrainerGEMINI (weight 0.3, ramp-up 0.1 of the run)"."""
+    parts = [ABLATIONS[k][1].format(ablation[k]) for k in ABLATIONS
+             if ablation.get(k) is not None and method in ABLATIONS[k][2]]
     return f"{method} ({', '.join(parts)})" if parts else method
 
 
@@ -134,19 +141,22 @@ class Benchmark:
         self.jobs = getattr(args, "jobs", 1)
         self.n_proc_da = training_n_proc_da(self.device, self.jobs, user_da)
         self.n_proc_da_pretrain = training_n_proc_da(self.device, 1, user_da)  # it runs alone
-        for var in ABLATION_VARS.values():
+        for var, _, _ in ABLATIONS.values():
             env.pop(var, None)  # only the flags set them, so a run's label always says what it trained with
-        self.ablation = {k: getattr(args, k, None) for k in ABLATION_VARS}
+        self.ablation = {k: getattr(args, k, None) for k in ABLATIONS}
+        self.collection_mode = getattr(args, "collection", None) is not None
         self.env = env
         (out_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.run = StageRunner(env, out_dir / "logs", "gemini_benchmark")
         self._lock = threading.Lock()  # --jobs > 1: runs append to results.json from several threads
         self.results_path = out_dir / RESULTS_JSON
-        self.results = self._load_results()
+        self.results: dict = {}
+        self.cells: Dict[tuple, dict] = {}  # (N, draw) -> dataset id/name/raw folder, fold, train cases, pre-training
+        self.revision = project_revision()
 
     # ------------------------------------------------------------------ bookkeeping
-    def _load_results(self) -> dict:
-        config = {"dataset_arg": self.a.d, "seed": self.a.seed, "configuration": CONFIGURATION, "plans": PLANS}
+    def _load_results(self, config: dict) -> dict:
+        config = dict(config, configuration=CONFIGURATION, plans=PLANS)
         if self.results_path.is_file():
             results = json.loads(self.results_path.read_text())
             if results.get("config") != config:
@@ -161,61 +171,170 @@ class Benchmark:
     def _finished(self, key: tuple) -> Optional[dict]:
         return next((r for r in self.results["runs"] if _run_key(r) == key), None)
 
-    # ------------------------------------------------------------------ stages
+    # ------------------------------------------------------------------ datasets
+    def _plan(self, dataset_name: str) -> dict:
+        """The dataset's plans, planned and preprocessed by nnU-Net's own planner when not yet."""
+        from nnunet_gemini.datasets import dataset_id_of, is_preprocessed, load_json
+        pre = Path(self.folders["nnUNet_preprocessed"]) / dataset_name
+        plans_file = pre / f"{PLANS}.json"
+        if not plans_file.is_file() or not is_preprocessed(str(pre), load_json(str(plans_file)), CONFIGURATION):
+            self.run(f"plan_and_preprocess_{dataset_name}",
+                     ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id_of(dataset_name)), "-c", CONFIGURATION,
+                      "-np", self.env["nnUNet_def_n_proc"], "-npfp", self.env["nnUNet_def_n_proc"],
+                      "--verify_dataset_integrity"])
+        return load_json(str(plans_file))
+
     def prepare_dataset(self) -> None:
-        from nnunet_gemini.datasets import is_preprocessed, load_json, resolve_dataset
+        from nnunet_gemini.datasets import dataset_id_of, load_json, resolve_dataset
         os.environ.update(self.folders)  # nnunet_gemini.datasets reads the variables at call time
+        self.results = self._load_results({"dataset_arg": self.a.d, "seed": self.a.seed})
         dataset = self.a.d
         if dataset is None:
             dataset = str(self.a.demo_id)
             if not any(d.startswith(f"Dataset{self.a.demo_id:03d}_") for d in os.listdir(self.folders["nnUNet_raw"])):
                 self.run("demo_dataset", ["gemini_demo_dataset", "-d", dataset])
-        self.dataset_name = resolve_dataset(dataset)
-        self.dataset_id = int(self.dataset_name[7:10])
-        self.raw = Path(self.folders["nnUNet_raw"]) / self.dataset_name
+        name = resolve_dataset(dataset)
+        raw = Path(self.folders["nnUNet_raw"]) / name
         for sub in ("imagesTs", "labelsTs"):
-            if not (self.raw / sub).is_dir():
-                raise GeminiUserError(f"{self.raw / sub} does not exist: the benchmark scores held-out test cases; "
+            if not (raw / sub).is_dir():
+                raise GeminiUserError(f"{raw / sub} does not exist: the benchmark scores held-out test cases; "
                                       f"add imagesTs/ and labelsTs/ to the raw dataset")
-        self.dataset_json = load_json(str(self.raw / "dataset.json"))
-        pre = Path(self.folders["nnUNet_preprocessed"]) / self.dataset_name
-        plans_file = pre / f"{PLANS}.json"
-        if not plans_file.is_file() or not is_preprocessed(str(pre), load_json(str(plans_file)), CONFIGURATION):
-            self.run("plan_and_preprocess", ["nnUNetv2_plan_and_preprocess", "-d", str(self.dataset_id), "-c",
-                                             CONFIGURATION, "-np", self.env["nnUNet_def_n_proc"], "-npfp",
-                                             self.env["nnUNet_def_n_proc"], "--verify_dataset_integrity"])
-        self.run("fewshot_split", ["gemini_fewshot_split", "-d", str(self.dataset_id), "-n", *map(str, self.a.n),
+        self.dataset_json = load_json(str(raw / "dataset.json"))
+        self._plan(name)
+        self.run("fewshot_split", ["gemini_fewshot_split", "-d", str(dataset_id_of(name)), "-n", *map(str, self.a.n),
                                    "--draws", str(self.a.draws), "--seed", str(self.a.seed), "--overwrite"])
-        mapping = load_json(str(pre / "splits_fewshot.json"))
-        self.folds = {(f["n"], f["draw"]): f for f in mapping["folds"]}
-        self.results["dataset"] = self.dataset_name
+        mapping = load_json(str(Path(self.folders["nnUNet_preprocessed"]) / name / "splits_fewshot.json"))
+        for f in mapping["folds"]:
+            self.cells[(f["n"], f["draw"])] = dict(dataset_name=name, raw=raw, fold=f["fold"], train=f["train"],
+                                                   pretrain_dataset=name)
+        self.registration_set = (raw / "imagesTs", raw / "labelsTs", "ordered test pairs")
+        self.results["dataset"] = name
 
-    def _pretrain_checkpoint(self, deformation: str) -> Path:
+    def prepare_collection(self) -> None:
+        """Reads and checks the whole collection, draws the split, and builds and plans the raw
+        dataset of every (N, draw) of this call (kept when already built). Datasets whose plans
+        agree (plans_signature) share one pre-training: the first of them in (N, draw) order runs it."""
+        from nnunet_gemini import collection
+        from nnunet_gemini.datasets import dataset_prefix
+        os.environ.update(self.folders)
+        a = self.a
+        coll = collection.read_collection(a.collection, a.channel_name)
+        manifest = collection.file_manifest(coll)
+        self.results = self._load_results({
+            "collection_sha256": collection.manifest_digest(manifest), "split_seed": a.split_seed,
+            "test_cases": a.test_cases, "pool_cases": a.pool_cases, "selection_cases": a.selection_cases,
+            "channel_names": coll.channel_names})
+        split = collection.draw_split(coll.case_ids, a.test_cases, a.pool_cases, a.selection_cases, a.n, a.draws,
+                                      a.split_seed)
+        labels = collection.check_collection(coll)  # every case, so the label names never depend on the call
+        self.dataset_json = {"labels": labels, "file_ending": coll.file_ending}
+        self.results["collection"] = {
+            "root": coll.root, "form": coll.form, "num_cases": len(coll.case_ids), "labels": labels,
+            "files": manifest, **{k: split[k] for k in ("test", "pool", "selection", "labelled_candidates")}}
+        built = self.results.setdefault("datasets", {})
+        groups = self.results.setdefault("pretraining_groups", {})  # plans signature digest -> dataset that pre-trains
+        for d in split["draws"]:
+            key = f"N{d['n']}_draw{d['draw']}"
+            if key not in built:
+                taken = {r["id"] for r in built.values()}
+                did = next(i for i in range(COLLECTION_FIRST_ID, 1000) if i not in taken)
+                built[key] = {"id": did, "name": f"{dataset_prefix(did)}GeminiStudyN{d['n']}draw{d['draw']}",
+                              "train": d["train"]}
+            record = built[key]
+            raw = Path(self.folders["nnUNet_raw"]) / record["name"]
+            if record["train"] != d["train"]:
+                raise GeminiUserError(f"{self.results_path}: {key} was built from {record['train']}, the split now "
+                                      f"draws {d['train']}: choose another -o or delete that folder")
+            if not (raw / "dataset.json").is_file():  # written last: its absence means not (completely) built
+                collection.build_dataset(coll, labels, split, d["train"], self.folders["nnUNet_raw"], record["id"],
+                                         record["name"][len(dataset_prefix(record["id"])):])
+            signature = collection.plans_signature(self._plan(record["name"]), CONFIGURATION)
+            digest = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
+            groups.setdefault(digest, record["name"])
+            record["plans_signature"] = digest
+            self.cells[(d["n"], d["draw"])] = dict(dataset_name=record["name"], raw=raw, fold="all",
+                                                   train=d["train"], pretrain_dataset=groups[digest])
+        self._save()
+        first = next(iter(self.cells.values()))["raw"]
+        self.registration_set = (first / collection.SELECTION_IMAGES, first / collection.SELECTION_LABELS,
+                                 "ordered selection-set pairs")
+        self.results["dataset"] = f"collection {coll.root} ({len(coll.case_ids)} cases, split seed {a.split_seed})"
+
+    # ------------------------------------------------------------------ stages
+    def _pretraining_key(self, deformation: str, dataset_name: str) -> str:
+        return deformation if not self.collection_mode else f"{deformation}:{dataset_name}"
+
+    def _pretrain_checkpoint(self, deformation: str, dataset_name: str) -> Path:
         if deformation == "diffeomorphic":  # the standard place, where the trainers look for it
-            from nnunet_gemini.pretrained import FINAL_CHECKPOINT, pretrain_output_dir
-            return Path(pretrain_output_dir(self.dataset_name, PLANS, CONFIGURATION)) / FINAL_CHECKPOINT
-        return self.out / "pretrain_displacement" / "checkpoint_final.pth"
+            from nnunet_gemini.pretrained import FINAL_CHECKPOINT, PRETRAIN_TRAINER_NAME
+            return Path(self.folders["nnUNet_results"], dataset_name, f"{PRETRAIN_TRAINER_NAME}__{PLANS}__"
+                        f"{CONFIGURATION}", "fold_all", FINAL_CHECKPOINT)
+        folder = "pretrain_displacement" + (f"_{dataset_name}" if self.collection_mode else "")
+        return self.out / folder / "checkpoint_final.pth"
 
-    def pretrain(self, deformation: str) -> dict:
-        """One gemini_pretrain run (recorded; reused by a later call)."""
-        record = self.results["pretraining"].get(deformation)
+    def pretrain(self, deformation: str, dataset_name: str) -> dict:
+        """One gemini_pretrain run on `dataset_name` (recorded; reused by a later call)."""
+        from nnunet_gemini.datasets import dataset_id_of
+        key = self._pretraining_key(deformation, dataset_name)
+        record = self.results["pretraining"].get(key)
         iterations = self.budget["pretrain_epochs"] * self.budget["pretrain_iters"]
-        checkpoint = self._pretrain_checkpoint(deformation)
+        checkpoint = self._pretrain_checkpoint(deformation, dataset_name)
         if record and record["iterations"] == iterations and checkpoint.is_file():
             return record
-        cmd = ["gemini_pretrain", "-d", str(self.dataset_id), "-c", CONFIGURATION, "-p", PLANS, "-device", self.device,
-               "--epochs", str(self.budget["pretrain_epochs"]), "--iters_per_epoch", str(self.budget["pretrain_iters"]),
-               "--deformation", deformation]
+        cmd = ["gemini_pretrain", "-d", str(dataset_id_of(dataset_name)), "-c", CONFIGURATION, "-p", PLANS,
+               "-device", self.device, "--epochs", str(self.budget["pretrain_epochs"]),
+               "--iters_per_epoch", str(self.budget["pretrain_iters"]), "--deformation", deformation]
         if deformation != "diffeomorphic":
             cmd += ["-o", str(checkpoint.parent)]
-        seconds = self.run(f"pretrain_{deformation}", cmd,
-                           extra_env={"nnUNet_n_proc_DA": self.n_proc_da_pretrain}
+        stage = f"pretrain_{deformation}" + (f"_{dataset_name}" if self.collection_mode else "")
+        seconds = self.run(stage, cmd, extra_env={"nnUNet_n_proc_DA": self.n_proc_da_pretrain}
                            if self.n_proc_da_pretrain is not None else None)
-        record = {"deformation": deformation, "checkpoint": str(checkpoint), "iterations": iterations,
-                  "seconds": seconds, "device": self.device}
-        self.results["pretraining"][deformation] = record
+        record = {"deformation": deformation, "dataset": dataset_name, "checkpoint": str(checkpoint),
+                  "iterations": iterations, "seconds": seconds, "device": self.device, "revision": self.revision}
+        self.results["pretraining"][key] = record
         self._save()
         return record
+
+    def _link_pretraining(self, results_root: str, cell: dict) -> None:
+        """Make the cell's shared pre-training visible where its trainer looks for one: under
+        results_root for the cell's dataset (a link to the checkpoint of the dataset that ran it)."""
+        shared = self._pretrain_checkpoint("diffeomorphic", cell["pretrain_dataset"])
+        relative = shared.relative_to(self.folders["nnUNet_results"]).parts[1:]  # below the dataset's folder
+        link = Path(results_root, cell["dataset_name"], *relative)
+        if link == shared:
+            return
+        link.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            link.symlink_to(shared)
+        except FileExistsError:  # an earlier run (or another --jobs thread) made it
+            pass
+
+    def preprocess_pools(self, runs: List[dict]) -> None:
+        """Every unlabelled pool a training of this call uses, built before any training starts:
+        with --jobs two trainings of one dataset would otherwise both build it at first use."""
+        from nnunet_gemini.datasets import dataset_id_of
+        from nnunet_gemini.unlabeled import MANIFEST_NAME, pool_folder_for
+        names = sorted({self.cells[(r["n"], r["draw"])]["dataset_name"] for r in runs
+                        if r["method"] in USES_GEMINI_LOSS})
+        for name in names:
+            if not os.path.isfile(os.path.join(pool_folder_for(name, PLANS, CONFIGURATION), MANIFEST_NAME)):
+                self.run(f"pool_{name}", ["gemini_pretrain", "-d", str(dataset_id_of(name)), "-c", CONFIGURATION,
+                                          "-p", PLANS, "--preprocess_only"])
+
+    def _predict_and_score(self, tag: str, cell: dict, trainer: str, results_dir: str, images: str,
+                           labels: str) -> tuple:
+        pred_dir = self.out / "predictions" / tag
+        if pred_dir.exists():
+            shutil.rmtree(pred_dir)  # leftovers of an interrupted call
+        from nnunet_gemini.datasets import dataset_id_of
+        predict = ["nnUNetv2_predict", "-i", str(cell["raw"] / images), "-o", str(pred_dir), "-d",
+                   str(dataset_id_of(cell["dataset_name"])), "-c", CONFIGURATION, "-p", PLANS, "-f", str(cell["fold"]),
+                   "-tr", trainer, "-device", self.device, "-npp", "1", "-nps", "1"] + \
+            ([] if self.budget["tta"] else ["--disable_tta"])
+        seconds = self.run(f"predict_{tag}", predict, extra_env={"nnUNet_results": results_dir})
+        scores = score_predictions(str(cell["raw"] / labels), str(pred_dir), self.dataset_json["labels"],
+                                   str(pred_dir / "summary.json"))
+        return scores, seconds
 
     def train_and_score(self, method: str, n: int, draw: int, epochs: int, reference: bool = False) -> dict:
         iterations = epochs * self.budget["train_iters"]
@@ -225,41 +344,45 @@ class Benchmark:
         if done is not None:
             print(f"[gemini_benchmark] done already: {label} N={n} draw={draw} ({iterations} it)", flush=True)
             return done
-        fold = self.folds[(n, draw)]["fold"]
+        cell = self.cells[(n, draw)]
         trainer = TRAINER_OF.get(method, method)
         suffix = "".join(f"_{k[len('gemini_'):]}{v if isinstance(v, str) else format(v, 'g')}"
                          for k, v in ablation.items())
         tag = f"{method}{suffix}_N{n}_draw{draw}_{iterations}it"
         # a reference or ablation run gets its own results folder: it must not replace the budget run of this fold
         results_dir = (str(self.out / "nnUNet_results_reference") if reference else
-                       self.ablation_results_dir(suffix, method) if ablation else self.folders["nnUNet_results"])
+                       str(self.out / f"nnUNet_results_ablation{suffix}") if ablation else
+                       self.folders["nnUNet_results"])
+        pretraining_key = self._pretraining_key("diffeomorphic", cell["pretrain_dataset"])
+        if method in USES_PRETRAINING:
+            self._link_pretraining(results_dir, cell)
         env = {"nnUNet_results": results_dir, "nnUNet_gemini_num_epochs": str(epochs),
                "nnUNet_gemini_iters_per_epoch": str(self.budget["train_iters"]),
                "nnUNet_gemini_val_iters": str(self.budget["val_iters"]),
                "nnUNet_gemini_final_validation": "0",  # scored on imagesTs; nnU-Net's validation is time spent for nothing
-               **{ABLATION_VARS[k]: str(v) for k, v in ablation.items()}}
+               **{ABLATIONS[k][0]: str(v) for k, v in ablation.items()}}
         if self.n_proc_da is not None:
             env["nnUNet_n_proc_DA"] = self.n_proc_da
-        train_s = self.run(f"train_{tag}", ["nnUNetv2_train", str(self.dataset_id), CONFIGURATION, str(fold), "-tr",
-                                            trainer, "-p", PLANS, "-device", self.device], extra_env=env)
-        pred_dir = self.out / "predictions" / tag
-        if pred_dir.exists():
-            shutil.rmtree(pred_dir)  # leftovers of an interrupted call
-        predict = ["nnUNetv2_predict", "-i", str(self.raw / "imagesTs"), "-o", str(pred_dir), "-d",
-                   str(self.dataset_id), "-c", CONFIGURATION, "-p", PLANS, "-f", str(fold), "-tr", trainer,
-                   "-device", self.device, "-npp", "1", "-nps", "1"] + ([] if self.budget["tta"] else ["--disable_tta"])
-        predict_s = self.run(f"predict_{tag}", predict, extra_env={"nnUNet_results": results_dir})
-        scores = score_predictions(str(self.raw / "labelsTs"), str(pred_dir), self.dataset_json["labels"],
-                                   str(pred_dir / "summary.json"))
-        run = {"method": method, "label": label, **ablation, "trainer": trainer, "n": n, "draw": draw, "fold": fold,
-               "reference": reference,
-               "train_cases": self.folds[(n, draw)]["train"], "iterations": iterations, "epochs": epochs,
+        from nnunet_gemini.datasets import dataset_id_of
+        train_s = self.run(f"train_{tag}", ["nnUNetv2_train", str(dataset_id_of(cell["dataset_name"])), CONFIGURATION,
+                                            str(cell["fold"]), "-tr", trainer, "-p", PLANS, "-device", self.device],
+                           extra_env=env)
+        scores, predict_s = self._predict_and_score(tag, cell, trainer, results_dir, "imagesTs", "labelsTs")
+        run = {"method": method, "label": label, **ablation, "trainer": trainer, "n": n, "draw": draw,
+               "dataset": cell["dataset_name"], "fold": cell["fold"], "reference": reference,
+               "train_cases": cell["train"], "iterations": iterations, "epochs": epochs,
                "iters_per_epoch": self.budget["train_iters"], **scores,
                "train_seconds": train_s, "predict_seconds": predict_s, "pretrain_share_seconds": 0.0,
-               "wall_seconds": round(train_s + predict_s, 1), "device": self.device,
+               "wall_seconds": round(train_s + predict_s, 1), "device": self.device, "revision": self.revision,
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if self.collection_mode:  # the set options are chosen on; its prediction is not part of the wall time
+            from nnunet_gemini.collection import SELECTION_IMAGES, SELECTION_LABELS
+            selection, _ = self._predict_and_score(f"{tag}_selection", cell, trainer, results_dir, SELECTION_IMAGES,
+                                                   SELECTION_LABELS)
+            run["selection"] = selection
         if method in USES_PRETRAINING:  # its share is set by share_pretraining once all runs are known
-            run["pretrain_iterations"] = self.results["pretraining"]["diffeomorphic"]["iterations"]
+            run["pretraining"] = pretraining_key
+            run["pretrain_iterations"] = self.results["pretraining"][pretraining_key]["iterations"]
         with self._lock:
             self.results["runs"].append(run)
             self._save()
@@ -268,55 +391,43 @@ class Benchmark:
 
     def ablation_of(self, method: str):
         """({flag: value} of this call's ablation flags that apply to `method`, the label it runs under)."""
-        ablation = {k: v for k, v in self.ablation.items() if v is not None and method in USES_GEMINI_LOSS}
-        return ablation, method_label(method, ablation.get("gemini_weight"), ablation.get("gemini_rampup_epochs"),
-                                      ablation.get("gemini_pair_positions"))
+        ablation = {k: v for k, v in self.ablation.items() if v is not None and method in ABLATIONS[k][2]}
+        return ablation, method_label(method, **ablation)
 
-    def ablation_results_dir(self, suffix: str, method: str) -> str:
-        """nnUNet_results of an ablation's runs (own folder: the same trainer and fold as the main
-        run). A method that loads the pre-training finds it there through a link to the shared one."""
-        results_dir = self.out / f"nnUNet_results_ablation{suffix}"
-        if method in USES_PRETRAINING:
-            shared = self._pretrain_checkpoint("diffeomorphic")
-            link = results_dir / self.dataset_name / shared.parent.parent.name / shared.parent.name / shared.name
-            link.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                link.symlink_to(shared)
-            except FileExistsError:  # an earlier run of this ablation (or another --jobs thread) made it
-                pass
-        return str(results_dir)
-
-    def registration(self, deformation: str) -> dict:
-        done = self.results["registration"].get(deformation)
-        record = self.results["pretraining"][deformation]
+    def registration(self, deformation: str, dataset_name: str) -> dict:
+        key = self._pretraining_key(deformation, dataset_name)
+        done = self.results["registration"].get(key)
+        record = self.results["pretraining"][key]
         if done and done.get("pretrain_iterations") == record["iterations"]:
             return done
         from nnunet_gemini.register import load_from_pretrain_checkpoint, register_folder
-        print(f"[gemini_benchmark] registration quality ({deformation}) on ordered imagesTs pairs", flush=True)
+        images, labels, what = self.registration_set
+        print(f"[gemini_benchmark] registration quality ({key}) on {what}", flush=True)
         t0 = time.time()
         model = load_from_pretrain_checkpoint(record["checkpoint"], self.device)
-        summary = register_folder(model, str(self.raw / "imagesTs"), str(self.raw / "labelsTs"),
-                                  str(self.out / "registration" / deformation), write_images=False)
+        summary = register_folder(model, str(images), str(labels), str(self.out / "registration" / key),
+                                  write_images=False)
         dice = [p["dice"]["mean"] for p in summary["pairs"]]
         folding = [p["folding_fraction"] for p in summary["pairs"]]
         out = {"deformation": deformation, "pretrain_iterations": record["iterations"], "pairs": len(dice),
-               "dice_mean": float(np.nanmean(dice)), "dice_std": float(np.nanstd(dice)),
+               "pairs_of": what, "dice_mean": float(np.nanmean(dice)), "dice_std": float(np.nanstd(dice)),
                "dice_per_structure": summary["mean_dice_per_structure"],
                "folding_fraction_mean": float(np.mean(folding)), "folding_fraction_max": float(np.max(folding)),
                "seconds": round(time.time() - t0, 1), "per_pair": summary["pairs"]}
-        self.results["registration"][deformation] = out
+        self.results["registration"][key] = out
         self._save()
         return out
 
     def unregistered_dice(self) -> dict:
-        """Warped-label Dice's floor: the labels of each ordered test pair compared as they are."""
+        """Warped-label Dice's floor: the labels of each ordered pair of the registration set compared as they are."""
         if "unregistered" in self.results["registration"]:
             return self.results["registration"]["unregistered"]
         import SimpleITK as sitk
         from nnunet_gemini.register import label_dice
+        _, labels_dir, what = self.registration_set
         ending = self.dataset_json["file_ending"]
-        files = sorted(f for f in os.listdir(self.raw / "labelsTs") if f.endswith(ending))
-        images = {f: sitk.ReadImage(str(self.raw / "labelsTs" / f)) for f in files}
+        files = sorted(f for f in os.listdir(labels_dir) if f.endswith(ending))
+        images = {f: sitk.ReadImage(str(labels_dir / f)) for f in files}
         dice = []
         for m in files:
             for f in files:
@@ -324,7 +435,8 @@ class Benchmark:
                     moved = sitk.Resample(images[m], images[f], sitk.Transform(), sitk.sitkNearestNeighbor)
                     dice.append(label_dice(sitk.GetArrayFromImage(moved), sitk.GetArrayFromImage(images[f]),
                                            self.dataset_json["labels"])["mean"])
-        out = {"pairs": len(dice), "dice_mean": float(np.nanmean(dice)), "dice_std": float(np.nanstd(dice))}
+        out = {"pairs": len(dice), "pairs_of": what, "dice_mean": float(np.nanmean(dice)),
+               "dice_std": float(np.nanstd(dice))}
         self.results["registration"]["unregistered"] = out
         self._save()
         return out
@@ -345,26 +457,31 @@ class Benchmark:
     # ------------------------------------------------------------------ the study
     def execute(self) -> None:
         t_start = time.time()
-        self.prepare_dataset()
+        self.prepare_collection() if self.collection_mode else self.prepare_dataset()
         methods, ns, draws = self.a.methods, self.a.n, range(self.a.draws)
         changed = {k: v for k, v in self.budget.items() if BUDGETS[self.a.budget][k] != v}
         label = self.a.budget + "".join(f", {k}={v}" for k, v in changed.items())
         self.results.update(budget=label, budget_iterations=dict(self.budget), device=self.device,
                             machine=_machine(self.device), command=["gemini_benchmark"] + list(self.argv))
         self._save()
-        deformations = {"both": DEFORMATIONS, "diffeomorphic": ("diffeomorphic",), "none": ()}[self.a.registration]
-        need_pretrain = bool(USES_PRETRAINING & set(methods)) or bool(deformations)
-        if need_pretrain:
-            self.pretrain("diffeomorphic")
+        registration = self.a.registration or ("diffeomorphic" if self.collection_mode else "both")
+        deformations = {"both": DEFORMATIONS, "diffeomorphic": ("diffeomorphic",), "none": ()}[registration]
         runs = [dict(method=method, n=n, draw=draw, epochs=self.budget["train_epochs"])
                 for n in ns for draw in draws for method in methods]
         if self.a.reference_iters:
             epochs = max(1, math.ceil(self.a.reference_iters / self.budget["train_iters"]))
             runs += [dict(method="nnUNetTrainer", n=n, draw=0, epochs=epochs, reference=True) for n in ns]
+        # the pre-trainings this call needs (one per group of datasets with agreeing plans), first
+        pretrain_datasets = sorted({self.cells[(r["n"], r["draw"])]["pretrain_dataset"] for r in runs
+                                    if r["method"] in USES_PRETRAINING or deformations})
+        for dataset_name in pretrain_datasets:
+            self.pretrain("diffeomorphic", dataset_name)
+        self.preprocess_pools(runs)
         self.train_all(runs)
-        for deformation in deformations:
-            self.pretrain(deformation)
-            self.registration(deformation)
+        for dataset_name in pretrain_datasets:
+            for deformation in deformations:
+                self.pretrain(deformation, dataset_name)
+                self.registration(deformation, dataset_name)
         if deformations:
             self.unregistered_dice()
         share_pretraining(self.results)
@@ -384,20 +501,21 @@ class Benchmark:
 
 
 def share_pretraining(results: dict) -> None:
-    """Each run that loads the shared (diffeomorphic) pre-training carries an equal share of its
-    wall time: pre-training seconds / all such runs in results.json, this call's and earlier
-    calls' alike (ablation rows included), so the share does not depend on how the study was
-    split into calls. Runs of an earlier, replaced pre-training keep the share they had."""
-    record = results.get("pretraining", {}).get("diffeomorphic")
-    if not record:
-        return
-    users = [r for r in results["runs"] if r["method"] in USES_PRETRAINING and not r.get("reference")
-             and r.get("pretrain_iterations", record["iterations"]) == record["iterations"]]
-    share = record["seconds"] / max(1, len(users))
-    for r in users:
-        r["pretrain_iterations"] = record["iterations"]
-        r["pretrain_share_seconds"] = round(share, 1)
-        r["wall_seconds"] = round(r["train_seconds"] + r["predict_seconds"] + share, 1)
+    """Each run that loads a pre-training carries an equal share of its wall time: pre-training
+    seconds / all runs in results.json that load it, this call's and earlier calls' alike
+    (ablation rows included), so the share does not depend on how the study was split into
+    calls. Runs of an earlier, replaced pre-training keep the share they had."""
+    for key, record in results.get("pretraining", {}).items():
+        if record.get("deformation", key) != "diffeomorphic":
+            continue  # the displacement pre-training serves the registration record only
+        users = [r for r in results["runs"] if r["method"] in USES_PRETRAINING and not r.get("reference")
+                 and r.get("pretraining", "diffeomorphic") == key
+                 and r.get("pretrain_iterations", record["iterations"]) == record["iterations"]]
+        share = record["seconds"] / max(1, len(users))
+        for r in users:
+            r["pretrain_iterations"] = record["iterations"]
+            r["pretrain_share_seconds"] = round(share, 1)
+            r["wall_seconds"] = round(r["train_seconds"] + r["predict_seconds"] + share, 1)
 
 
 # ---------------------------------------------------------------------- reports
@@ -451,20 +569,60 @@ def write_reports(results: dict, out: Path, methods, ns, iterations: int) -> Non
                 if runs:
                     lines.append(f"| {m} | {n} | " + " | ".join(
                         f"{np.nanmean([r['dice_per_structure'][s] for r in runs]):.3f}" for s in structures) + " |")
+    lines += _difference_lines(results, methods, ns, iterations)
+    lines += _selection_lines(results, methods, ns, iterations)
     reg = results.get("registration", {})
     if reg:
-        lines += ["", "Registration of ordered test pairs with the pre-trained deformer (gemini_register): warped-label "
+        what = next((r["pairs_of"] for r in reg.values() if "pairs_of" in r), "ordered test pairs")
+        lines += ["", f"Registration of {what} with the pre-trained deformer (gemini_register): warped-label "
                   "mean foreground Dice and fraction of voxels with Jacobian determinant <= 0:", "",
                   "| model | pairs | warped-label Dice | folding fraction (mean / max) |", "|---|---|---|---|"]
-        for name in ("unregistered", *DEFORMATIONS):
-            if name in reg:
-                r = reg[name]
-                folding = (f"{r['folding_fraction_mean']:.5f} / {r['folding_fraction_max']:.5f}"
-                           if "folding_fraction_mean" in r else "–")
-                label = name if name == "unregistered" else f"{name} ({r['pretrain_iterations']} pre-train it)"
-                lines.append(f"| {label} | {r['pairs']} | {r['dice_mean']:.3f} ± {r['dice_std']:.3f} | {folding} |")
+        for name in sorted(reg, key=lambda k: (k != "unregistered", k)):
+            r = reg[name]
+            folding = (f"{r['folding_fraction_mean']:.5f} / {r['folding_fraction_max']:.5f}"
+                       if "folding_fraction_mean" in r else "–")
+            label = name if name == "unregistered" else f"{name} ({r['pretrain_iterations']} pre-train it)"
+            lines.append(f"| {label} | {r['pairs']} | {r['dice_mean']:.3f} ± {r['dice_std']:.3f} | {folding} |")
     (out / RESULTS_MD).write_text("\n".join(lines) + "\n")
     _plot(table, refs, ns, out / RESULTS_PNG, results)
+
+
+def _difference_lines(results: dict, methods, ns, iterations: int) -> List[str]:
+    """Per-draw test Dice minus nnUNetTrainer's of the same N and draw (and GEMINI minus Finetune:
+    what the loss adds beyond the pre-trained start)."""
+    def by_draw(label, n):
+        return {r["draw"]: r["dice_mean"] for r in budget_runs(results, iterations, label, n)}
+    pairs = [(m, "nnUNetTrainer") for m in methods if m != "nnUNetTrainer"]
+    if "nnUNetTrainerGEMINI" in methods and "nnUNetTrainerGEMINIFinetune" in methods:
+        pairs.append(("nnUNetTrainerGEMINI", "nnUNetTrainerGEMINIFinetune"))
+    rows = []
+    for m, base in pairs:
+        for n in ns:
+            ours, theirs = by_draw(m, n), by_draw(base, n)
+            draws = sorted(set(ours) & set(theirs))
+            if draws:
+                diffs = [ours[d] - theirs[d] for d in draws]
+                rows.append(f"| {m} − {base} | {n} | " + ", ".join(f"draw {d}: {x:+.3f}" for d, x in zip(draws, diffs))
+                            + f" | {np.mean(diffs):+.3f} |")
+    if not rows:
+        return []
+    return ["", "Per-draw differences of mean foreground test Dice (same N, same draw):", "",
+            "| difference | N | per draw | mean |", "|---|---|---|---|"] + rows
+
+
+def _selection_lines(results: dict, methods, ns, iterations: int) -> List[str]:
+    """The selection set's table (collection studies): the set options and defaults are chosen on."""
+    if not any("selection" in r for r in results["runs"]):
+        return []
+    size = len(results.get("collection", {}).get("selection", [])) or "?"
+    lines = ["", f"Mean foreground Dice on the selection set ({size} cases; for choosing options, never the test "
+             "set), mean ± std over draws:", "", "| method | " + " | ".join(f"N = {n}" for n in ns) + " |",
+             "|---|" + "---|" * len(ns)]
+    for m in methods:
+        cells = [_mean_std([r["selection"]["dice_mean"] for r in budget_runs(results, iterations, m, n)
+                            if "selection" in r]) for n in ns]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _plot(table, refs, ns, path: Path, results: dict) -> None:
@@ -518,9 +676,18 @@ def _main(argv=None) -> int:
                    help="ablation: nnUNet_gemini_weight for the methods with the GEMINI loss (nnUNetTrainerGEMINI, "
                         "_NoPretrain); their runs become rows of their own, e.g. 'nnUNetTrainerGEMINI (weight 0.3)'. "
                         "Default: the trainer's weight (1.0)")
-    p.add_argument("--gemini_rampup_epochs", type=int, default=None, metavar="R",
-                   help="ablation: nnUNet_gemini_rampup_epochs (sigmoid ramp-up of the GEMINI weight over R epochs) "
-                        "for the same methods, rows of their own. Default: no ramp-up")
+    p.add_argument("--gemini_rampup", type=float, default=None, metavar="S",
+                   help="ablation: nnUNet_gemini_rampup (sigmoid ramp-up of the GEMINI weight over the first share S "
+                        "of the run's iterations) for the same methods, rows of their own. Default: no ramp-up")
+    p.add_argument("--gemini_deformer_lr", type=float, default=None, metavar="LR",
+                   help="ablation: nnUNet_gemini_deformer_lr (the deformer's own Adam learning rate) for the same "
+                        "methods, rows of their own. Default: the trainer's (1e-4, as released)")
+    p.add_argument("--gemini_lr", type=float, default=None, metavar="LR",
+                   help="ablation: nnUNet_gemini_lr (the network's initial SGD learning rate) for every GEMINI "
+                        "trainer (Finetune included), rows of their own. Default: nnU-Net's 1e-2")
+    p.add_argument("--gemini_warmup", type=float, default=None, metavar="S",
+                   help="ablation: nnUNet_gemini_warmup (linear warm-up of the network's learning rate over the "
+                        "first share S of the run) for every GEMINI trainer, rows of their own. Default: none")
     from nnunet_gemini.pairs import PAIR_POSITIONS
     p.add_argument("--gemini_pair_positions", choices=PAIR_POSITIONS, default=None,
                    help="ablation: nnUNet_gemini_pair_positions for the same methods, rows of their own: the two "
@@ -528,14 +695,30 @@ def _main(argv=None) -> int:
                         "default) or at independent random positions. Default: the trainer's")
     p.add_argument("--reference_iters", type=int, default=None, metavar="K",
                    help="one extra nnUNetTrainer run per N (draw 0) with about K supervised iterations")
-    p.add_argument("--registration", choices=("both", "diffeomorphic", "none"), default="both",
+    p.add_argument("--registration", choices=("both", "diffeomorphic", "none"), default=None,
                    help="registration quality of the pre-trained deformer: both deformation models (a second "
-                        "pre-training with --deformation displacement), the diffeomorphic one, or none")
+                        "pre-training with --deformation displacement), the diffeomorphic one, or none. Default: "
+                        "both on -d (ordered test pairs), diffeomorphic with --collection (selection-set pairs)")
     p.add_argument("-device", default=None, help="cuda|cpu|mps; default: cuda when available, else cpu")
     p.add_argument("--jobs", type=int, default=1,
                    help="trainings (each with its prediction) run at the same time: worth it on a GPU that one "
                         "small-patch training leaves mostly idle (their data augmentation workers share the CPU "
                         "cores: nnUNet_n_proc_DA = cores / K - 1 unless set); keep 1 on a CPU")
+    c = p.add_argument_group("collection study (--collection): every nnU-Net folder lives under -o")
+    c.add_argument("--collection", default=None, metavar="DIR",
+                   help="a labelled collection instead of -d: DIR/images/ + DIR/labels/ (same file names, one "
+                        "channel) or an nnU-Net raw dataset (only its imagesTr/labelsTr are drawn). One seed draws "
+                        "the test set, the unlabelled pool, the selection set and the N labelled cases of each draw; "
+                        "each (N, draw) becomes its own dataset (imagesTr = the N cases, imagesUnlabeled = the pool, "
+                        "imagesTs = the test set), planned from its N cases, trained on fold all")
+    c.add_argument("--test_cases", type=int, default=30, help="test set size")
+    c.add_argument("--pool_cases", type=int, default=40, help="unlabelled pool size (imagesUnlabeled)")
+    c.add_argument("--selection_cases", type=int, default=10,
+                   help="selection set size: scored like the test set, for choosing options and defaults")
+    c.add_argument("--split_seed", type=int, default=0, help="seed of the whole split (test, pool, selection, draws)")
+    c.add_argument("--channel_name", default="MRI",
+                   help="channel name when DIR has no dataset.json (nnU-Net's normalisation: 'CT' selects CT "
+                        "normalisation, anything else z-score); labels are then named label_<value>")
     p.add_argument("-o", default="gemini_benchmark", help="output folder (results, logs, predictions)")
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot draws")
     p.add_argument("--own_nnunet_folders", action="store_true",
@@ -544,11 +727,20 @@ def _main(argv=None) -> int:
     overrides = [a.train_epochs, a.train_iters, a.val_iters, a.pretrain_epochs, a.pretrain_iters, a.reference_iters]
     if a.draws < 1 or min(a.n) < 1 or a.jobs < 1 or any(v is not None and v < 1 for v in overrides):
         raise GeminiUserError("--n, --draws, --jobs, --reference_iters and the budget overrides must be positive")
-    if (a.gemini_weight is not None and not 0 <= a.gemini_weight < float("inf")) or \
-            (a.gemini_rampup_epochs is not None and a.gemini_rampup_epochs < 0):
-        raise GeminiUserError("--gemini_weight must be a finite number >= 0 and --gemini_rampup_epochs an integer >= 0")
+    finite = lambda v: v is None or 0 <= v < float("inf")
+    if not finite(a.gemini_weight):
+        raise GeminiUserError("--gemini_weight must be a finite number >= 0")
+    for flag in ("gemini_rampup", "gemini_warmup"):
+        if getattr(a, flag) is not None and not 0 <= getattr(a, flag) <= 1:
+            raise GeminiUserError(f"--{flag} must be a share of the run between 0 and 1")
+    for flag in ("gemini_deformer_lr", "gemini_lr"):
+        if getattr(a, flag) is not None and not (finite(getattr(a, flag)) and getattr(a, flag) > 0):
+            raise GeminiUserError(f"--{flag} must be a finite number > 0")
+    if a.collection is not None and a.d is not None:
+        raise GeminiUserError("-d and --collection exclude each other: a collection study builds its own datasets")
     out = Path(a.o).resolve()
-    folders = nnunet_folders(out, use_env=not a.own_nnunet_folders)
+    # a collection study's datasets never enter the user's nnU-Net folders
+    folders = nnunet_folders(out, use_env=not a.own_nnunet_folders and a.collection is None)
     for f in folders.values():
         os.makedirs(f, exist_ok=True)
     bench = Benchmark(a, out, folders)

@@ -394,13 +394,19 @@ def register_cases(model: RegistrationModel, moving: _Case, fixed: _Case, moving
     import torch
     from nnunet_gemini.registration import folding_fraction
 
+    # a case's cache holds the features on its own grid; a moving image of another shape is
+    # resampled onto the fixed grid first, and its features there are not cached (they would
+    # replace the ones the case needs as a fixed image)
     if fixed.features is None:
         fixed.features = case_features(model, fixed)
-    resampled = _resample_to(moving.data, fixed.data.shape[1:])
-    if moving.features is None or tuple(moving.features.shape[2:]) != tuple(fixed.data.shape[1:]):
-        moving.features = case_features(model, moving, resampled)
+    if tuple(moving.data.shape[1:]) == tuple(fixed.data.shape[1:]):
+        if moving.features is None:
+            moving.features = case_features(model, moving)
+        moving_features = moving.features
+    else:
+        moving_features = case_features(model, moving, _resample_to(moving.data, fixed.data.shape[1:]))
     with torch.no_grad():
-        disp = model.step.fields(moving.features, fixed.features)[0].float()
+        disp = model.step.fields(moving_features, fixed.features)[0].float()
     field_mm = sitk.GetImageFromArray(displacement_field_mm(fixed, moving, disp), isVector=True)
     field_mm.CopyInformation(fixed.images[0])
     reference = fixed.images[0]

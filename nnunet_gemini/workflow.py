@@ -77,3 +77,21 @@ def score_predictions(labels_dir: str, pred_dir: str, labels: Dict[str, int], ou
         per_case[name] = float(np.nanmean(values)) if not all(np.isnan(values)) else float("nan")
     return {"dice_per_structure": {name: float(res["mean"][v]["Dice"]) for name, v in fg.items()},
             "dice_mean": float(res["foreground_mean"]["Dice"]), "dice_per_case": per_case}
+
+
+def project_revision() -> str:
+    """What code ran: the git commit of this checkout (editable install; '+dirty' with uncommitted
+    changes to tracked files), else the installed package's version."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "setup.py").is_file() and (root / ".git").exists():
+        try:
+            git = ["git", "-C", str(root)]
+            commit = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+            if commit.returncode == 0:
+                dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                       text=True, timeout=30).stdout.strip()
+                return commit.stdout.strip() + ("+dirty" if dirty else "")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    from nnunet_gemini import __version__
+    return f"nnunet-gemini {__version__}"

@@ -131,18 +131,18 @@ def test_pretraining_wall_time_is_shared_by_every_run_that_loads_it():
 def test_ablation_is_a_row_of_its_own_and_keeps_the_main_runs(tiny_study):
     out, env = tiny_study["out"], tiny_study["env"]
     before = json.loads((out / "results.json").read_text())["runs"]
-    third = run_command(tiny_study["cmd"] + ["--gemini_weight", "0.5", "--gemini_rampup_epochs", "2"], env, timeout=900)
+    third = run_command(tiny_study["cmd"] + ["--gemini_weight", "0.5", "--gemini_rampup", "0.5"], env, timeout=900)
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert runs[:len(before)] == before
-    label = "nnUNetTrainerGEMINI_NoPretrain (weight 0.5, ramp-up 2 ep)"
+    label = "nnUNetTrainerGEMINI_NoPretrain (weight 0.5, ramp-up 0.5 of the run)"
     (new,) = runs[len(before):]
-    assert (new["label"], new["method"], new["gemini_weight"], new["gemini_rampup_epochs"]) == \
-        (label, "nnUNetTrainerGEMINI_NoPretrain", 0.5, 2)
+    assert (new["label"], new["method"], new["gemini_weight"], new["gemini_rampup"]) == \
+        (label, "nnUNetTrainerGEMINI_NoPretrain", 0.5, 0.5)
     assert third.stdout.count("done already") == 1  # nnUNetTrainer has no GEMINI loss: its run is the same
-    logs = glob.glob(str(out / "nnUNet_results_ablation_weight0.5_rampup_epochs2" / "**" / "training_log_*.txt"),
+    logs = glob.glob(str(out / "nnUNet_results_ablation_weight0.5_rampup0.5" / "**" / "training_log_*.txt"),
                      recursive=True)
     log = open(logs[0]).read()
-    assert "nnUNet_gemini_weight = 0.5 (environment)" in log and "nnUNet_gemini_rampup_epochs = 2 (environment)" in log
+    assert "nnUNet_gemini_weight = 0.5 (environment)" in log and "nnUNet_gemini_rampup = 0.5 (environment)" in log
     table = (out / "results.md").read_text()
     rows = [line.split(" | ")[0][2:] for line in table.splitlines() if line.startswith("| nnUNetTrainer")]
     assert rows[:3] == ["nnUNetTrainer", "nnUNetTrainerGEMINI_NoPretrain", label]  # the ablation after its method
@@ -152,26 +152,43 @@ def test_method_labels_and_ablation_results_dir_links_the_shared_pretraining(tmp
     from nnunet_gemini.benchmark import Benchmark, method_label
     from nnunet_gemini.pretrained import find_pretrained_checkpoint
     assert method_label("nnUNetTrainerGEMINI") == "nnUNetTrainerGEMINI"
-    assert method_label("nnUNetTrainerGEMINI", 0.3) == "nnUNetTrainerGEMINI (weight 0.3)"
-    assert method_label("nnUNetTrainerGEMINI_NoPretrain", None, 0) == "nnUNetTrainerGEMINI_NoPretrain (ramp-up 0 ep)"
-    assert method_label("nnUNetTrainerGEMINIFinetune", 0.3, 5) == "nnUNetTrainerGEMINIFinetune"  # no GEMINI loss
-    assert method_label("nnUNetTrainerGEMINI", None, None, "independent") == \
-        "nnUNetTrainerGEMINI (pairs at independent positions)"
+    assert method_label("nnUNetTrainerGEMINI", gemini_weight=0.3) == "nnUNetTrainerGEMINI (weight 0.3)"
+    assert method_label("nnUNetTrainerGEMINI_NoPretrain", gemini_rampup=0) == \
+        "nnUNetTrainerGEMINI_NoPretrain (ramp-up 0 of the run)"
+    # Finetune has no GEMINI loss: weight and ramp-up do not apply, the fine-tuning schedule does
+    assert method_label("nnUNetTrainerGEMINIFinetune", gemini_weight=0.3, gemini_rampup=0.1) == \
+        "nnUNetTrainerGEMINIFinetune"
+    assert method_label("nnUNetTrainerGEMINIFinetune", gemini_warmup=0.05, gemini_lr=0.001) == \
+        "nnUNetTrainerGEMINIFinetune (lr 0.001, warm-up 0.05 of the run)"
+    assert method_label("nnUNetTrainer", gemini_warmup=0.05) == "nnUNetTrainer"  # stock nnU-Net stays stock
+    assert method_label("nnUNetTrainerGEMINI", gemini_pair_positions="independent", gemini_deformer_lr=0.001) == \
+        "nnUNetTrainerGEMINI (pairs at independent positions, deformer lr 0.001)"
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     bench = Benchmark.__new__(Benchmark)
-    bench.out, bench.dataset_name = tmp_path / "study", "Dataset991_GeminiDemo"
-    shared = bench._pretrain_checkpoint("diffeomorphic")
+    bench.out, bench.collection_mode = tmp_path / "study", False
+    bench.folders = {"nnUNet_results": str(tmp_path / "results")}
+    cell = {"dataset_name": "Dataset991_GeminiDemo", "pretrain_dataset": "Dataset991_GeminiDemo"}
+    shared = bench._pretrain_checkpoint("diffeomorphic", "Dataset991_GeminiDemo")
     shared.parent.mkdir(parents=True)
     shared.write_bytes(b"pre-trained")
-    folder = bench.ablation_results_dir("_weight0.3", "nnUNetTrainerGEMINI")
-    assert bench.ablation_results_dir("_weight0.3", "nnUNetTrainerGEMINI") == folder  # the link exists: fine
+    folder = str(tmp_path / "study" / "nnUNet_results_ablation_weight0.3")
+    bench._link_pretraining(folder, cell)
+    bench._link_pretraining(folder, cell)  # the link exists: fine
     monkeypatch.setenv("nnUNet_results", folder)  # what the ablation's trainer sees
     found = find_pretrained_checkpoint("Dataset991_GeminiDemo", "nnUNetPlans", "3d_fullres")
     assert found is not None and open(found, "rb").read() == b"pre-trained"
+    # a collection study: another dataset of the same plans group finds the group's pre-training
+    bench._link_pretraining(str(tmp_path / "results"), {"dataset_name": "Dataset902_GeminiStudyN2draw0",
+                                                        "pretrain_dataset": "Dataset991_GeminiDemo"})
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    found = find_pretrained_checkpoint("Dataset902_GeminiStudyN2draw0", "nnUNetPlans", "3d_fullres")
+    assert found is not None and open(found, "rb").read() == b"pre-trained"
+
 
 @pytest.mark.parametrize("flag", [["--jobs", "0"], ["--draws", "0"], ["--n", "0"], ["--train_iters", "-1"],
                                   ["--gemini_weight", "-1"], ["--gemini_weight", "nan"],
-                                  ["--gemini_rampup_epochs", "-2"]])
+                                  ["--gemini_rampup", "-0.1"], ["--gemini_rampup", "2"], ["--gemini_warmup", "1.5"],
+                                  ["--gemini_lr", "0"], ["--gemini_deformer_lr=-1e-4"]])
 def test_out_of_range_counts_and_weights_are_refused_before_anything_runs(flag, tmp_path, capsys):
     from nnunet_gemini.benchmark import main
     with pytest.raises(SystemExit) as exit_info:
