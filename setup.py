@@ -80,7 +80,7 @@ setup(
         "tqdm",
         "numpy",
     ],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={"test": ["pytest", "hypothesis", "ruff"]},
     entry_points={
         "console_scripts": [
             "gemini_doctor=nnunet_gemini.doctor:main",

@@ -22,12 +22,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from synthetic_pairs import synthetic_pair  # noqa: E402
+
 from nnunet_gemini.gemini_step import GeminiStep  # noqa: E402
 from nnunet_gemini.heads import Deformer, build_deformer  # noqa: E402
 from nnunet_gemini.losses import GeminiWeights, gemini_loss  # noqa: E402
 from nnunet_gemini.network import DecoderFeatureTap, build_segmentation_network  # noqa: E402
 from nnunet_gemini.registration import integrate_velocity  # noqa: E402
-from synthetic_pairs import synthetic_pair  # noqa: E402
 
 OPTIONS = [("full", True), ("full", False), ("half", True), ("half", False)]
 
@@ -120,9 +121,10 @@ def bench_quality(size, steps, seeds):
             step = GeminiStep(deformer, bidirectional=bidirectional, weights=GeminiWeights(semantic=0.0))
             opt = torch.optim.Adam(deformer.parameters(), lr=1e-3)
             t0 = time.perf_counter()
+            first = None
             for i in range(steps):
                 loss, logs = step(a, b, a, b)
-                first = logs["appearance"] if i == 0 else first
+                first = logs["appearance"] if first is None else first
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

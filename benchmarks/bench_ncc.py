@@ -1,6 +1,7 @@
 """Local NCC loss, forward + backward: box filter (cumulative sums) vs dense window^3 conv.
 
-Usage: PYTHONPATH=. python benchmarks/bench_ncc.py [--repeats N] [--window 9] [--sizes 96 128] [--cpu-only | --cuda-only]
+Usage: PYTHONPATH=. python benchmarks/bench_ncc.py [--repeats N] [--window 9] [--sizes 96 128]
+       [--cpu-only | --cuda-only]
 Prints per shape and device: median time of each, speed-up ratio, max abs difference of the
 loss and of the input gradient; on CUDA also fp32 vs autocast(fp16) and peak memory.
 Target: >= 30x at 1x1x96^3 on CPU.
@@ -11,7 +12,6 @@ import time
 import torch
 
 from nnunet_gemini.losses import local_ncc_loss, local_ncc_loss_dense
-
 
 SHAPES = {96: (1, 1, 96, 96, 96), 128: (2, 1, 128, 128, 128)}
 
@@ -48,8 +48,11 @@ def bench(shape, device, repeats, window):
     i = torch.rand(shape, generator=g).to(device)
     j = (0.5 * i.cpu() + 0.5 * torch.rand(shape, generator=g)).to(device)
     mask = torch.ones((shape[0], 1) + shape[2:], device=device)
-    box = lambda a, b: local_ncc_loss(a, b, mask, window)
-    dense = lambda a, b: local_ncc_loss_dense(a, b, mask, window)
+    def box(a, b):
+        return local_ncc_loss(a, b, mask, window)
+
+    def dense(a, b):
+        return local_ncc_loss_dense(a, b, mask, window)
     _timed(box, i, j, 1, device)  # warm-up
     _timed(dense, i, j, 1, device)
     t_box, l_box, g_box = _timed(box, i, j, repeats, device)

@@ -56,6 +56,7 @@ def _time(fn, device, warmup: int, iters: int) -> float:
 
 def bench_ours(cfg: dict) -> dict:
     import torch
+
     from nnunet_gemini.pretraining.pretrainer import GeminiPretrainer, PretrainOptions
     os.environ.setdefault("nnUNet_n_proc_DA", "0")
     t = GeminiPretrainer(PretrainOptions(dataset=cfg["dataset"], device=cfg["device"], batch_size=cfg["pairs"],
@@ -92,6 +93,7 @@ def bench_nnunet(cfg: dict) -> dict:
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
     from nnunet_gemini import datasets
     name = datasets.resolve_dataset(cfg["dataset"])
     plans_file = datasets.require_planned(name, "nnUNetPlans", "3d_fullres")
@@ -117,6 +119,7 @@ def bench_reference(cfg: dict) -> dict:
     import numpy as np
     import torch
     import torch.nn.functional as F
+
     from nnunet_gemini.degradation import models_genesis_damage
     from nnunet_gemini.heads import build_deformer, build_restoration_head
     from nnunet_gemini.losses import local_ncc_loss_dense, masked_cosine_loss, restoration_loss, smoothness_loss

@@ -3,7 +3,7 @@ same plans and configuration, side by side in one run.
 
   (a) same TOTAL images per iteration: nnUNetTrainer with batch n + 2p vs GEMINI with n labelled
       + p pairs (targets: <= 1.25x time, <= 1.3x memory);
-  (b) same labelled batch: nnUNetTrainer with batch n (for the README).
+  (b) same labelled batch: nnUNetTrainer with batch n (figures in docs/design.md).
 
 Only the train_step is timed (synthetic tensors of the plans' patch size, so data loading and
 augmentation, which both trainers share, do not blur the figures). Each variant runs in its own
@@ -43,6 +43,7 @@ def _current_rss_kib() -> int:
 def _measure(args, variant, labelled, pairs, queue):
     import contextlib
     import io
+
     import torch
     os.environ["nnUNet_gemini_auto_pretrained"] = "0"
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="bench_trainer_")

@@ -6,8 +6,8 @@
 #   benchmarks/gpu_study.sh                   # on a CUDA machine (carries .whl/, see gpu_check.sh)
 #   DEV=cpu SKIP_INSTALL=1 JOBS=2 N="1" DRAWS=1 STUDY="--budget quick --train_epochs 1 --train_iters 2 \
 #       --pretrain_epochs 1 --pretrain_iters 2" COMPILE_ITERS=2 benchmarks/gpu_study.sh   # dry run here
-#   ABLATION="--gemini_rampup_epochs 2" benchmarks/gpu_study.sh   # then the same study with a ramp-up, same -o
-#   ABLATION="--gemini_rampup_epochs 2; --gemini_pair_positions independent" ...  # several ablation calls
+#   ABLATION="--gemini_rampup 0.33" benchmarks/gpu_study.sh   # then the same study with a ramp-up, same -o
+#   ABLATION="--gemini_rampup 0.33; --gemini_pair_positions independent" ...  # several ablation calls
 set -u
 T0=$(date +%s)
 OUT=${OUT:-/tmp/gpu_study_out}; mkdir -p "$OUT"
@@ -51,7 +51,7 @@ study() {  # study NAME [EXTRA FLAGS...]: the benchmark on $OUT/study under what
 }
 study study
 # Optional ablations on the same -o (finished runs are skipped; only the GEMINI-loss methods train again),
-# one call per ';'-separated entry, e.g. ABLATION="--gemini_rampup_epochs 2; --gemini_weight 0.3".
+# one call per ';'-separated entry, e.g. ABLATION="--gemini_rampup 0.33; --gemini_weight 0.3".
 IFS=';' read -ra ABLATIONS <<< "${ABLATION:-}"
 for a in "${ABLATIONS[@]}"; do [ -n "${a// /}" ] && study "ablation $a" $a; done
 for f in "$OUT"/study/logs/train_*_N1_draw0_*.log; do  # epoch times of one draw: first (start-up) and last

@@ -30,15 +30,14 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from nnunet_gemini.atomic import write_json_atomic
 from nnunet_gemini.errors import GeminiUserError, run_cli
 from nnunet_gemini.workflow import StageRunner, default_device, nnunet_folders, project_revision, score_predictions
 
 # Iteration counts per budget (epochs x iterations per epoch; val = validation iterations per epoch).
 # quick fits the default matrix (3 N x 3 draws x 4 methods + the two pre-trainings) in about two hours
-# on an idle 2-core CPU: measured idle (demo plans, patch 40x48x48) pre-training ~5 s/it, GEMINI
-# training ~5.5 s/it, a run's fixed cost ~60 s (start-up + predicting imagesTs; nnU-Net's final
-# validation is skipped, nnUNet_gemini_final_validation=0). Such short trainings measure the
-# head start a method gives, not where it converges: use standard/paper (or a GPU) for that.
+# on an idle 2-core CPU (the per-iteration costs behind that: docs/design.md). Such short trainings
+# measure the head start a method gives, not where it converges: use standard/paper (or a GPU) for that.
 BUDGETS = {
     "quick": dict(pretrain_epochs=4, pretrain_iters=25, train_epochs=2, train_iters=10, val_iters=1, tta=False),
     "standard": dict(pretrain_epochs=50, pretrain_iters=100, train_epochs=50, train_iters=100, val_iters=10,
@@ -87,15 +86,6 @@ def _machine(device: str) -> dict:
         import torch
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # an interruption leaves the previous results, never a torn file
 
 
 def _label(run: dict) -> str:
@@ -166,7 +156,7 @@ class Benchmark:
         return {"format_version": 1, "config": config, "runs": [], "pretraining": {}, "registration": {}}
 
     def _save(self) -> None:
-        _write_json_atomic(self.results_path, self.results)
+        write_json_atomic(str(self.results_path), self.results)
 
     def _finished(self, key: tuple) -> Optional[dict]:
         return next((r for r in self.results["runs"] if _run_key(r) == key), None)
@@ -359,7 +349,7 @@ class Benchmark:
         env = {"nnUNet_results": results_dir, "nnUNet_gemini_num_epochs": str(epochs),
                "nnUNet_gemini_iters_per_epoch": str(self.budget["train_iters"]),
                "nnUNet_gemini_val_iters": str(self.budget["val_iters"]),
-               "nnUNet_gemini_final_validation": "0",  # scored on imagesTs; nnU-Net's validation is time spent for nothing
+               "nnUNet_gemini_final_validation": "0",  # scored on imagesTs: nnU-Net's validation is time for nothing
                **{ABLATIONS[k][0]: str(v) for k, v in ablation.items()}}
         if self.n_proc_da is not None:
             env["nnUNet_n_proc_DA"] = self.n_proc_da
@@ -423,6 +413,7 @@ class Benchmark:
         if "unregistered" in self.results["registration"]:
             return self.results["registration"]["unregistered"]
         import SimpleITK as sitk
+
         from nnunet_gemini.register import label_dice
         _, labels_dir, what = self.registration_set
         ending = self.dataset_json["file_ending"]
@@ -476,14 +467,16 @@ class Benchmark:
                                     if r["method"] in USES_PRETRAINING or deformations})
         for dataset_name in pretrain_datasets:
             self.pretrain("diffeomorphic", dataset_name)
+            if "diffeomorphic" in deformations:  # how well it registers is known before hours of training
+                self.registration("diffeomorphic", dataset_name)
+        if deformations:
+            self.unregistered_dice()
         self.preprocess_pools(runs)
         self.train_all(runs)
         for dataset_name in pretrain_datasets:
             for deformation in deformations:
                 self.pretrain(deformation, dataset_name)
                 self.registration(deformation, dataset_name)
-        if deformations:
-            self.unregistered_dice()
         share_pretraining(self.results)
         self.results["last_call_seconds"] = round(time.time() - t_start, 1)
         self._save()
@@ -495,7 +488,8 @@ class Benchmark:
         labels = {self.ablation_of(m)[1] for m in methods}
         iterations = budget_iterations(self.budget)
         labels |= {_label(r) for r in self.results["runs"] if r["iterations"] == iterations and not r.get("reference")}
-        base = lambda label: label.split(" (")[0]
+        def base(label):
+            return label.split(" (")[0]
         return sorted(labels, key=lambda x: (METHODS.index(base(x)) if base(x) in METHODS else len(METHODS),
                                              x != base(x), x))
 
@@ -542,7 +536,8 @@ def write_reports(results: dict, out: Path, methods, ns, iterations: int) -> Non
     refs = [r for r in results["runs"] if r.get("reference") and r["n"] in ns]
     lines = [f"# gemini_benchmark: {results.get('dataset')}", "",
              f"Budget `{results.get('budget')}`: {iterations} supervised iterations per run "
-             f"({results['budget_iterations']['train_epochs']} epochs x {results['budget_iterations']['train_iters']}), "
+             f"({results['budget_iterations']['train_epochs']} epochs x "
+             f"{results['budget_iterations']['train_iters']}), "
              f"pre-training {results['budget_iterations']['pretrain_epochs']} x "
              f"{results['budget_iterations']['pretrain_iters']} iterations; device {results.get('device')} "
              f"({results.get('machine', {}).get('gpu') or results.get('machine', {}).get('processor')}, "
@@ -727,9 +722,11 @@ def _main(argv=None) -> int:
     overrides = [a.train_epochs, a.train_iters, a.val_iters, a.pretrain_epochs, a.pretrain_iters, a.reference_iters]
     if a.draws < 1 or min(a.n) < 1 or a.jobs < 1 or any(v is not None and v < 1 for v in overrides):
         raise GeminiUserError("--n, --draws, --jobs, --reference_iters and the budget overrides must be positive")
-    finite = lambda v: v is None or 0 <= v < float("inf")
-    if not finite(a.gemini_weight):
-        raise GeminiUserError("--gemini_weight must be a finite number >= 0")
+    def finite(v):
+        return v is None or 0 <= v < float("inf")
+    if a.gemini_weight is not None and not (finite(a.gemini_weight) and a.gemini_weight > 0):
+        raise GeminiUserError("--gemini_weight must be a finite number > 0 (the GEMINI trainers refuse 0: "
+                              "nnUNetTrainerGEMINIFinetune is the supervised-only method)")
     for flag in ("gemini_rampup", "gemini_warmup"):
         if getattr(a, flag) is not None and not 0 <= getattr(a, flag) <= 1:
             raise GeminiUserError(f"--{flag} must be a share of the run between 0 and 1")

@@ -1,9 +1,6 @@
-"""Checkpoint I/O: atomic saving, safe (weights_only) loading, and the network compatibility
-fields a pre-training checkpoint carries so a downstream run can verify it before training.
-
-Test-only fault injection: with the environment variable GEMINI_TEST_ABORT_AFTER_TMP_WRITE=1,
-atomic_torch_save raises CheckpointWriteAborted right after the temporary file is written and
-synced (before the rename), which is what a process killed while saving leaves behind.
+"""Checkpoint I/O: atomic saving (nnunet_gemini.atomic, with its test-only abort injection),
+safe (weights_only) loading, and the network compatibility fields a pre-training checkpoint
+carries so a downstream run can verify it before training.
 """
 import os
 import shutil
@@ -13,55 +10,17 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
+from nnunet_gemini.atomic import TMP_PREFIX, atomic_write
 from nnunet_gemini.errors import GeminiUserError
-
-ABORT_AFTER_TMP_WRITE_ENV = "GEMINI_TEST_ABORT_AFTER_TMP_WRITE"
-TMP_PREFIX = ".gemini_tmp_"
 
 # Kinds of files we write; load_our_checkpoint checks the "gemini_kind" entry against them.
 KIND_PRETRAIN = "gemini_pretrain"
 KIND_HEADS = "gemini_heads"
 
 
-class CheckpointWriteAborted(RuntimeError):
-    """Raised only by the test-only fault injection of atomic_torch_save."""
-
-
 def atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, flush + fsync, then os.replace.
-    A crash at any point leaves either the previous file or the new one, never a torn one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pth", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.environ.get(ABORT_AFTER_TMP_WRITE_ENV) == "1":
-            # Simulate a kill between write and rename; the finally block does not run on a
-            # real SIGKILL, so leave the temporary file as a killed process would.
-            tmp_path_left = tmp_path
-            tmp_path = None
-            raise CheckpointWriteAborted(f"{ABORT_AFTER_TMP_WRITE_ENV}=1: aborted after writing "
-                                         f"{tmp_path_left}")
-        os.replace(tmp_path, path)
-        tmp_path = None
-        _fsync_dir(folder)
-    finally:
-        if tmp_path is not None and os.path.exists(tmp_path):
-            os.remove(tmp_path)
-
-
-def _fsync_dir(folder: str) -> None:
-    # Makes the rename itself durable on POSIX; not possible (nor needed) on Windows.
-    if os.name == "nt":
-        return
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """torch.save through nnunet_gemini.atomic: the previous file or the new one, never a torn one."""
+    atomic_write(path, lambda f: torch.save(obj, f), suffix=".pth")
 
 
 def load_our_checkpoint(path: str, expected_kind: str) -> Dict[str, Any]:
@@ -205,3 +164,19 @@ def state_dict_nbytes(state_dict: Dict[str, torch.Tensor]) -> int:
     """Bytes the tensors of a state dict occupy (a lower bound on a checkpoint's size)."""
     return int(sum(t.numel() * t.element_size() for t in state_dict.values()
                    if isinstance(t, torch.Tensor)))
+
+
+def optimizer_state_params(state: Dict[str, Any]) -> int:
+    """How many parameters an optimizer state_dict was saved for (over all its param groups)."""
+    return sum(len(group["params"]) for group in state["param_groups"])
+
+
+def optimizer_state_prefix(state: Dict[str, Any], n: int) -> Dict[str, Any]:
+    """A one-group optimizer state_dict cut to its first `n` parameters: what the same optimiser over
+    only those parameters would have saved (torch matches saved parameters to new ones by position)."""
+    if len(state["param_groups"]) != 1 or optimizer_state_params(state) < n:
+        raise ValueError(f"expected one param group of at least {n} parameters, got "
+                         f"{[len(g['params']) for g in state['param_groups']]}")
+    group = state["param_groups"][0]
+    kept = list(group["params"][:n])
+    return {"state": {k: v for k, v in state["state"].items() if k in kept}, "param_groups": [dict(group, params=kept)]}

@@ -16,8 +16,8 @@ from pathlib import Path
 from nnunet_gemini.errors import run_cli
 from nnunet_gemini.workflow import StageRunner, default_device, nnunet_folders, score_predictions
 
-# Iteration counts per budget. smoke: checks an installation (results meaningless);
-# quick: 8 min 46 s end to end measured on an idle 2-core CPU (4x10 + 6x10 took 13.5 min).
+# Iteration counts per budget. smoke: checks an installation (results meaningless); quick: the
+# whole workflow in about 9 minutes on an idle 2-core CPU (measured: docs/design.md, docs/results.md).
 BUDGETS = {
     "smoke": dict(pretrain_epochs=1, pretrain_iters=2, train_epochs=1, train_iters=2, val_iters=1),
     "quick": dict(pretrain_epochs=3, pretrain_iters=10, train_epochs=4, train_iters=10, val_iters=2),

@@ -12,9 +12,15 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from typing import List, Optional
 
-from nnunet_gemini.datasets import (ENV_FOLDERS, count_labelled_images, count_unlabelled_images,
-                                    dataset_id_of, load_json, preprocessed_configurations,
-                                    resolve_dataset)
+from nnunet_gemini.datasets import (
+    ENV_FOLDERS,
+    count_labelled_images,
+    count_unlabelled_images,
+    dataset_id_of,
+    load_json,
+    preprocessed_configurations,
+    resolve_dataset,
+)
 from nnunet_gemini.errors import GeminiUserError, run_cli
 
 TRAINERS = ("nnUNetTrainerGEMINI", "nnUNetTrainerGEMINI_NoPretrain", "nnUNetTrainerGEMINIFinetune")

@@ -5,14 +5,19 @@ labelled cases. The mapping fold -> (N, draw) is written beside it as splits_few
 Works with fewer than 5 labelled cases, where nnU-Net's own 5-fold split fails.
 """
 import argparse
-import json
 import os
 from typing import Dict, List, Sequence
 
 import numpy as np
 
-from nnunet_gemini.datasets import (dataset_id_of, list_labelled_cases, load_json,
-                                    preprocessed_dataset_folder, resolve_dataset)
+from nnunet_gemini.atomic import write_json_atomic
+from nnunet_gemini.datasets import (
+    dataset_id_of,
+    list_labelled_cases,
+    load_json,
+    preprocessed_dataset_folder,
+    resolve_dataset,
+)
 from nnunet_gemini.errors import GeminiUserError, run_cli
 
 SPLITS_FILE = "splits_final.json"
@@ -81,17 +86,10 @@ def write_fewshot_split(dataset_name_or_id, ns: Sequence[int], draws: int = 3, s
         raise GeminiUserError(f"{splits_path} exists (folds already in use there would change): "
                               f"pass --overwrite to replace it")
     folds = fewshot_folds(labelled_case_ids(dataset_name), ns, draws, seed, min_val)
-    _write_json(splits_path, [{"train": f["train"], "val": f["val"]} for f in folds])
-    _write_json(os.path.join(folder, MAPPING_FILE),
+    write_json_atomic(splits_path, [{"train": f["train"], "val": f["val"]} for f in folds])
+    write_json_atomic(os.path.join(folder, MAPPING_FILE),
                 {"dataset": dataset_name, "seed": seed, "draws": draws, "min_val": min_val, "folds": folds})
     return folds
-
-
-def _write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)  # never leave a half-written split for nnU-Net to read
 
 
 def _main(argv=None):

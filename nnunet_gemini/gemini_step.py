@@ -13,22 +13,10 @@ it once and takes u_BA = exp(-v_AB), the exact inverse of the same flow (a true 
 pair, half the deformer cost). "displacement" (as released): u = D(...), both directions
 always. Smoothness acts on the raw field (velocity or displacement).
 
-Default deformer option, measured (2-core CPU shared with other jobs, so timings are rough):
-half resolution, one direction (DEFAULT_BIDIRECTIONAL below, heads.DEFAULT_DEFORMER_RESOLUTION).
-- Speed, `PYTHONPATH=. python benchmarks/bench_gemini_step.py` (fwd+bwd, 2 pairs, 3d 32x48x48,
-  4-stage PlainConvUNet): GEMINI part (deformer + integration + loss) relative to full+both:
-  full+one 0.46, half+both 0.30, half+one 0.23; the deformer alone: 33.0 s / 12.5 / 6.6 / 2.1 s.
-- Quality (deformer-only learning on a 2D 64^2 pair with a known smooth deformation, max 3 vox,
-  150 Adam steps): end-point error / mean |u_true|: full+both 0.045, full+one 0.038,
-  half+both 0.022, half+one 0.028; appearance loss 0.94 -> <= 0.014 for all; no folding.
-  `bench_gemini_step.py --skip-speed --quality-steps 60 --quality-seeds 1` (64^2, 60 steps):
-  EPE/|u| full+both 0.155, full+one 0.048, half+both 0.058, half+one 0.037; appearance
-  after/before 0.021 / 0.016 / 0.014 / 0.018; no folding. Both-direction full resolution
-  converges slowest.
-So half+one costs about a quarter of full+both's GEMINI overhead at equal or better quality,
-and its pair (exp(v), exp(-v)) is exactly inverse-consistent. Caveat: the synthetic
-deformation is smooth; a full-resolution deformer may matter for fine inter-subject detail,
-so both options stay available.
+Default deformer option: half resolution, one direction (DEFAULT_BIDIRECTIONAL below,
+heads.DEFAULT_DEFORMER_RESOLUTION), a measured choice: about a quarter of full+both's GEMINI cost
+at equal or better quality on a known deformation, and exactly inverse-consistent; full
+resolution and both directions stay available. Measurements: docs/design.md.
 """
 import dataclasses
 from typing import Optional
@@ -42,12 +30,14 @@ from nnunet_gemini.registration import folding_fraction, integrate_velocity
 
 DEFORMATIONS = ("diffeomorphic", "displacement")
 DEFAULT_BIDIRECTIONAL = False
+DEFAULT_INTEGRATION_STEPS = 7  # scaling-and-squaring steps of a velocity field
 
 
 class GeminiStep(nn.Module):
     """GEMINI loss for pairs (img_a[i], img_b[i]); owns no parameters besides the deformer."""
 
-    def __init__(self, deformer: nn.Module, deformation: str = "diffeomorphic", integration_steps: int = 7,
+    def __init__(self, deformer: nn.Module, deformation: str = "diffeomorphic",
+                 integration_steps: int = DEFAULT_INTEGRATION_STEPS,
                  bidirectional: Optional[bool] = None, weights: Optional[GeminiWeights] = None,
                  ncc_window: int = 9, smoothness_kind: str = "gradient"):
         super().__init__()
@@ -65,6 +55,10 @@ class GeminiStep(nn.Module):
         self.weights = weights if weights is not None else GeminiWeights()
         self.ncc_window = int(ncc_window)
         self.smoothness_kind = smoothness_kind
+
+    def spec(self) -> dict:
+        """How to rebuild this deformer and its fields (see deformer_spec): what checkpoints record."""
+        return deformer_spec(self.deformation, self.deformer.resolution, self.bidirectional, self.integration_steps)
 
     def fields(self, feat_a: torch.Tensor, feat_b: torch.Tensor):
         """-> (disp_ab, disp_ba, raw_ab, raw_ba): displacements (voxel units) and the raw
@@ -110,3 +104,58 @@ def from_options(deformer: nn.Module, options: Optional[dict] = None) -> GeminiS
             raise GeminiUserError(f"unknown GEMINI weight(s) {bad}; known: {sorted(fields)}")
         weights = GeminiWeights(**{k: float(v) for k, v in weights.items()})
     return GeminiStep(deformer, weights=weights, **options)
+
+
+# ------------------------------------------------------------------ the deformer's spec
+# One description of the deformer and its fields, written by both checkpoint writers (gemini_pretrain,
+# the trainer) and read by every reader (the trainer's pre-trained start and --c, gemini_register).
+SPEC_KEYS = ("deformation", "resolution", "bidirectional", "integration_steps")
+
+
+def deformer_spec(deformation: Optional[str] = None, resolution: Optional[str] = None,
+                  bidirectional: Optional[bool] = None, integration_steps: Optional[int] = None,
+                  where: str = "the deformer spec") -> dict:
+    """The complete spec {SPEC_KEYS}, None -> the default (the one place the defaults live), checked;
+    GeminiUserError naming `where` when a value is not buildable."""
+    from nnunet_gemini.heads import DEFAULT_DEFORMER_RESOLUTION, DEFORMER_RESOLUTIONS
+    deformation = "diffeomorphic" if deformation is None else deformation
+    if deformation not in DEFORMATIONS:
+        raise GeminiUserError(f"{where}: deformation {deformation!r} is not one of {DEFORMATIONS}")
+    resolution = DEFAULT_DEFORMER_RESOLUTION if resolution is None else resolution
+    if resolution not in DEFORMER_RESOLUTIONS:
+        raise GeminiUserError(f"{where}: deformer resolution {resolution!r} is not one of {DEFORMER_RESOLUTIONS}")
+    if bidirectional is None:  # a displacement has no closed-form inverse: both directions
+        bidirectional = True if deformation == "displacement" else DEFAULT_BIDIRECTIONAL
+    if deformation == "displacement" and not bidirectional:
+        raise GeminiUserError(f"{where}: deformation 'displacement' needs bidirectional=True (no closed-form "
+                              f"inverse)")
+    steps = DEFAULT_INTEGRATION_STEPS if integration_steps is None else integration_steps
+    if isinstance(steps, bool) or int(steps) != steps or steps < 0:
+        raise GeminiUserError(f"{where}: integration_steps {integration_steps!r} is not a non-negative integer")
+    return {"deformation": deformation, "resolution": resolution, "bidirectional": bool(bidirectional),
+            "integration_steps": int(steps)}
+
+
+def spec_to_checkpoint(spec: dict) -> dict:
+    """The checkpoint fields of a spec, in the layout both checkpoint kinds have always had:
+    {"deformation": ..., "deformer": {"resolution", "bidirectional", "integration_steps"}}."""
+    spec = deformer_spec(**spec)
+    return {"deformation": spec["deformation"], "deformer": {k: spec[k] for k in SPEC_KEYS if k != "deformation"}}
+
+
+def spec_from_checkpoint(entry: dict, where: str) -> dict:
+    """The spec recorded in a checkpoint's fields (a gemini_pretrain "meta" or a trainer's "gemini"
+    entry). Keys an older writer left out take the defaults; other keys there (gemini_pretrain wrote
+    "ncc_window", a loss setting nobody read back) are ignored."""
+    deformer = entry.get("deformer") or {}
+    return deformer_spec(entry.get("deformation"), deformer.get("resolution"), deformer.get("bidirectional"),
+                         deformer.get("integration_steps"), where=where)
+
+
+def step_from_spec(network: nn.Module, spec: dict) -> GeminiStep:
+    """The one builder: a fresh deformer beside `network` (its op family and feature channels) inside
+    a GeminiStep, both as `spec` says."""
+    from nnunet_gemini.heads import build_deformer
+    spec = deformer_spec(**spec)
+    deformer = build_deformer(network, resolution=spec["resolution"])
+    return from_options(deformer, {k: spec[k] for k in ("deformation", "bidirectional", "integration_steps")})

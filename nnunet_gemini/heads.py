@@ -17,7 +17,7 @@ from nnunet_gemini.network import feature_channels, unwrap_network
 from nnunet_gemini.registration import resize_field
 
 DEFORMER_RESOLUTIONS = ("full", "half")
-DEFAULT_DEFORMER_RESOLUTION = "half"  # measured choice: see nnunet_gemini/gemini_step.py docstring
+DEFAULT_DEFORMER_RESOLUTION = "half"  # measured choice: see docs/design.md
 
 
 def network_ops(network: nn.Module) -> dict:

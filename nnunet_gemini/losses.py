@@ -1,4 +1,4 @@
-"""GEMINI losses (docs/gemini-method.md section 3): masked local NCC (appearance), smoothness,
+"""GEMINI losses (docs/method.md section 7): masked local NCC (appearance), smoothness,
 masked cosine (semantic), their combination with the method's gradient routing, restoration MSE.
 
 All maths runs in float32 with autocast disabled (inputs are cast with .float()).
@@ -188,7 +188,7 @@ def gemini_loss(img_a: torch.Tensor, img_b: torch.Tensor, feat_a: torch.Tensor, 
                 reg_ba: Optional[torch.Tensor] = None, weights: GeminiWeights = GeminiWeights(),
                 ncc_window: int = 9, smoothness_kind: str = "gradient"
                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """GEMINI loss of one pair with the method's gradient routing (gemini-method.md section 3).
+    """GEMINI loss of one pair with the method's gradient routing (docs/method.md sections 7-8).
 
     disp_ab maps B's grid into A (warp(img_a, disp_ab) ~ img_b); m_AB = validity_mask(disp_ab).
     - appearance  L_gvs = NCC(warp(A, u_AB), B; m_AB) + NCC(warp(B, u_BA), A; m_BA)  -> fields

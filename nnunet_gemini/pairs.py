@@ -19,7 +19,7 @@ from batchgenerators.dataloading.data_loader import DataLoader
 from batchgeneratorsv2.helpers.scalar_type import RandomScalar
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
-from batchgeneratorsv2.transforms.intensity.contrast import ContrastTransform, BGContrast
+from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
 from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
 from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
 from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
@@ -224,8 +224,8 @@ def make_pair_loader(dataset, num_pairs: int, patch_size: Sequence[int],
     intensity = build_intensity_transforms((0,) if do_dummy_2d_data_aug else None) \
         if intensity_augmentation else None
     loader = PairDataLoader(dataset, num_pairs, patch_size, spatial, intensity, crop_size=crop, positions=positions)
-    from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
     from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+    from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
     if num_workers == 0:
         return SingleThreadedAugmenter(loader, None)
     return NonDetMultiThreadedAugmenter(loader, None, num_processes=num_workers,

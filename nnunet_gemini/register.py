@@ -28,11 +28,16 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from nnunet_gemini.errors import GeminiUserError, run_cli
+
+if TYPE_CHECKING:  # annotations only: the CLI imports torch where it is used
+    import torch
+
+    from nnunet_gemini.gemini_step import GeminiStep
 
 OUTPUT_IMAGE = "warped_moving"          # + _XXXX<ending> per channel
 OUTPUT_LABEL = "warped_moving_label"    # + <ending>
@@ -83,14 +88,12 @@ def _plans_and_dataset_json(candidates: Sequence[tuple]) -> tuple:
 
 
 def _build_model(plans: dict, dataset_json: dict, configuration: str, network_weights: dict,
-                 deformer_weights: Optional[dict], deformation: str, deformer_options: dict,
-                 integration_steps: int, device, source: str) -> RegistrationModel:
+                 deformer_weights: Optional[dict], spec: dict, device, source: str) -> RegistrationModel:
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_gemini.gemini_step import GeminiStep
-    from nnunet_gemini.heads import build_deformer
+    from nnunet_gemini.gemini_step import step_from_spec
     from nnunet_gemini.network import build_segmentation_network
 
     plans_manager = PlansManager(plans)
@@ -120,17 +123,15 @@ def _build_model(plans: dict, dataset_json: dict, configuration: str, network_we
         raise GeminiUserError(f"{source} does not fit the network of its plans (missing {missing[:3]}...): "
                               f"use the plans/configuration it was trained with")
     network.load_state_dict(own)
-    deformer = build_deformer(network, **deformer_options)
+    step = step_from_spec(network, spec)  # the deformer as the checkpoint's spec describes it
     try:
-        deformer.load_state_dict(deformer_weights)
+        step.deformer.load_state_dict(deformer_weights)
     except RuntimeError as e:
-        raise GeminiUserError(f"{source}: its deformer weights do not fit a deformer with options "
-                              f"{deformer_options} ({str(e).splitlines()[0]})") from e
-    step = GeminiStep(deformer, deformation=deformation, integration_steps=integration_steps,
-                      bidirectional=deformation == "displacement")
+        raise GeminiUserError(f"{source}: its deformer weights do not fit a deformer built as {spec} "
+                              f"({str(e).splitlines()[0]})") from e
     network.to(device).eval()
     step.to(device).eval()
-    return RegistrationModel(network, step, plans_manager, cm, dataset_json, device, source, deformation)
+    return RegistrationModel(network, step, plans_manager, cm, dataset_json, device, source, spec["deformation"])
 
 
 def load_from_pretrain_checkpoint(path: str, device=None) -> RegistrationModel:
@@ -147,22 +148,10 @@ def load_from_pretrain_checkpoint(path: str, device=None) -> RegistrationModel:
         candidates.append((os.path.join(folder, meta["plans_identifier"] + ".json"),
                            os.path.join(folder, "dataset.json")))
     plans, dataset_json = _plans_and_dataset_json(candidates)
-    deformer_options = dict(meta.get("deformer") or {})
+    from nnunet_gemini.gemini_step import spec_from_checkpoint
     return _build_model(plans, dataset_json, meta["configuration"], ckpt["network_weights"],
-                        ckpt.get("deformer_weights"), meta.get("deformation", "diffeomorphic"),
-                        _buildable_options(deformer_options),
-                        int(deformer_options.get("integration_steps", meta.get("integration_steps", 7))),
+                        ckpt.get("deformer_weights"), spec_from_checkpoint(meta, where=path),
                         _device(device) if not hasattr(device, "type") else device, f"checkpoint {path}")
-
-
-def _buildable_options(options: dict) -> dict:
-    """The build_deformer keyword arguments among a checkpoint's deformer options."""
-    out = {}
-    if "resolution" in options:
-        out["resolution"] = options["resolution"]
-    if "channels" in options:
-        out["channels"] = tuple(options["channels"])
-    return out
 
 
 def load_from_trainer_results(dataset: str, configuration: str = "3d_fullres", plans: str = "nnUNetPlans",
@@ -182,11 +171,14 @@ def load_from_trainer_results(dataset: str, configuration: str = "3d_fullres", p
     ours = ckpt.get("gemini") or {}
     plans_dict, dataset_json = _plans_and_dataset_json(
         [(os.path.join(folder, "plans.json"), os.path.join(folder, "dataset.json"))])
-    deformation = deformation or ours.get("deformation") or "diffeomorphic"
+    from nnunet_gemini.gemini_step import spec_from_checkpoint
+    recorded = ours.get("deformation")
+    if deformation and recorded and deformation != recorded:
+        raise GeminiUserError(f"--deformation {deformation}: {path} records deformation {recorded!r}; drop "
+                              f"--deformation (it is only for checkpoints that do not record it).")
+    spec = spec_from_checkpoint(dict(ours, deformation=recorded or deformation), where=path)
     return _build_model(plans_dict, dataset_json, configuration, ckpt["network_weights"],
-                        ours.get("deformer_weights"), deformation,
-                        _buildable_options(ours.get("deformer") or {}),
-                        int((ours.get("deformer") or {}).get("integration_steps", 7)),
+                        ours.get("deformer_weights"), spec,
                         _device(device) if not hasattr(device, "type") else device, f"results {path}")
 
 
@@ -296,6 +288,7 @@ def case_features(model: RegistrationModel, case: _Case, data=None):
     is zero-padded (centred, like nnU-Net's pad_nd_image) to the network's divisibility."""
     import torch
     import torch.nn.functional as F
+
     from nnunet_gemini.network import DecoderFeatureTap
 
     x = case.data if data is None else data
@@ -392,6 +385,7 @@ def register_cases(model: RegistrationModel, moving: _Case, fixed: _Case, moving
     """Register prepared cases (features are computed once per case and cached on it)."""
     import SimpleITK as sitk
     import torch
+
     from nnunet_gemini.registration import folding_fraction
 
     # a case's cache holds the features on its own grid; a moving image of another shape is

@@ -22,12 +22,13 @@ import multiprocessing
 import os
 import re
 import zlib
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from nnunet_gemini import datasets
+from nnunet_gemini.atomic import write_json_atomic
 from nnunet_gemini.errors import GeminiUserError, warn_user
 
 POOL_SUFFIX = "_gemini_unlabeled"
@@ -168,13 +169,7 @@ def _read_manifest(pool_folder: str) -> dict:
 
 
 def _write_manifest(pool_folder: str, manifest: dict) -> None:
-    path = os.path.join(pool_folder, MANIFEST_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(os.path.join(pool_folder, MANIFEST_NAME), manifest, indent=1)
 
 
 def _case_files(pool_folder: str, case_id: str) -> List[str]:
@@ -246,7 +241,7 @@ class _Worker:
         properties["class_locations"] = {}  # no labels: the data loader must never oversample
         data = data.astype(np.float32, copy=False)
         seg = seg.astype(np.int16, copy=False)  # the nonzero mask, as run_case_save stores segs
-        from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, comp_blosc2_params
+        from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
         patch = tuple(self.configuration_manager.patch_size)
         block, chunk = comp_blosc2_params(data.shape, patch, data.itemsize)
         block_seg, chunk_seg = comp_blosc2_params(seg.shape, patch, seg.itemsize)

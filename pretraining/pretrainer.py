@@ -17,10 +17,8 @@ Choices (documented defaults, see also run_pretraining --help):
 - Restoration "joint" (default): the damaged images ride in the same forward and the two losses
   are summed into one step; "separate" reproduces the released two forwards / two optimiser
   steps per iteration. Joint costs one forward/backward of 3P images instead of 2P + P in two
-  passes with two optimiser steps: measured with benchmarks/bench_pretrain.py -d <demo> on a
-  2-core CPU (patch 24x32x32, 1 pair), joint 1.34 s/it vs separate 1.77 s/it (1.32x). Both
-  learn on the demo pair (tests/test_pretrain.py states the margins for joint); a long
-  quality comparison of the two was not run (no GPU available when this was written).
+  passes with two optimiser steps (faster on a GPU, within noise on a CPU); both learn on the
+  demo pair (tests/test_pretrain.py states the margins for joint). Measurements: docs/design.md.
 - The damaged input is mapped back into the patch's own intensity range before the forward
   (Models Genesis damage works on a [0, 1] rescaled copy; nnU-Net inputs are z-scored or
   CT-normalised), and the head predicts the rescaled clean patch.
@@ -29,7 +27,7 @@ Choices (documented defaults, see also run_pretraining --help):
 - Segmentation convs (`.seg_layers.`) are frozen: no pre-training loss reaches them and
   downstream fine-tuning replaces them; freezing also keeps DDP free of unused parameters.
 - Mixed precision (autocast + GradScaler) on CUDA only; the registration and loss maths run in
-  float32 inside (internal-api.md). torch.compile with --compile or nnUNet_compile=1 (CUDA).
+  float32 inside (docs/internal-api.md). torch.compile with --compile or nnUNet_compile=1 (CUDA).
 
 Non-finite guard: a non-finite loss skips the update (every rank agrees), is counted and
 logged; after --max_nonfinite in a row training stops with a GeminiUserError.
@@ -52,12 +50,17 @@ from torch import nn
 from nnunet_gemini import checkpoints, datasets, unlabeled
 from nnunet_gemini.degradation import models_genesis_damage
 from nnunet_gemini.errors import GeminiUserError, warn_user
-from nnunet_gemini.gemini_step import GeminiStep
+from nnunet_gemini.gemini_step import (
+    GeminiStep,
+    deformer_spec,
+    spec_from_checkpoint,
+    spec_to_checkpoint,
+    step_from_spec,
+)
 from nnunet_gemini.heads import build_deformer, build_restoration_head
 from nnunet_gemini.losses import restoration_loss
 from nnunet_gemini.network import DecoderFeatureTap, build_segmentation_network
-from nnunet_gemini.pretrained import (FINAL_CHECKPOINT, FORMAT_VERSION, LATEST_CHECKPOINT,
-                                      pretrain_output_dir)
+from nnunet_gemini.pretrained import FINAL_CHECKPOINT, FORMAT_VERSION, LATEST_CHECKPOINT, pretrain_output_dir
 from nnunet_gemini.registration import warp
 
 from .progress import PretrainLogger, is_interactive, save_pair_figure, save_restoration_figure
@@ -243,9 +246,8 @@ class GeminiPretrainer:
         for name, p in network.named_parameters():
             if ".seg_layers." in f".{name}":
                 p.requires_grad_(False)
-        deformer = build_deformer(network)  # the library's measured default resolution
-        # bidirectional follows GeminiStep's default for the model (one pass + inverse for diffeomorphic)
-        gemini = GeminiStep(deformer, deformation=self.options.deformation)
+        # the spec's defaults (measured resolution; one pass + inverse for diffeomorphic) and --deformation
+        gemini = step_from_spec(network, deformer_spec(self.options.deformation))
         head = build_restoration_head(network, self.num_input_channels) if self.options.restoration else None
         self.model = PretrainModel(network, gemini, head).to(self.device)
         self.trained_parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -307,6 +309,7 @@ class GeminiPretrainer:
         nnU-Net's training uses them (nnUNet_n_proc_DA)."""
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import ANISO_THRESHOLD
         from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
         from nnunet_gemini import pairs
         pool_folder = unlabeled.pool_folder_for(self.dataset_name, self.options.plans, self.options.configuration)
         self.case_ids = self.pool_case_ids()
@@ -338,11 +341,7 @@ class GeminiPretrainer:
                 "patch_size": [int(s) for s in self.configuration_manager.patch_size],
                 "spacing": [float(s) for s in self.configuration_manager.spacing],
                 "num_output_channels_at_pretraining": self.num_output_channels,
-                "deformation": self.options.deformation,
-                "deformer": {"resolution": model.gemini.deformer.resolution,
-                             "bidirectional": model.gemini.bidirectional,
-                             "integration_steps": model.gemini.integration_steps,
-                             "ncc_window": model.gemini.ncc_window},
+                **spec_to_checkpoint(model.gemini.spec()),  # "deformation", "deformer": how to rebuild it
                 "unlabeled_cases": list(self.case_ids), "versions": _package_versions(),
                 "iterations": self.iteration, "world_size": self.world_size,
                 "options": {k: (list(v) if isinstance(v, (list, tuple)) else v)
@@ -374,6 +373,11 @@ class GeminiPretrainer:
         if meta["deformation"] != self.options.deformation:
             raise GeminiUserError(f"--c: {path} was trained with --deformation {meta['deformation']}, not "
                                   f"{self.options.deformation}: pass --deformation {meta['deformation']}.")
+        checkpointed = spec_from_checkpoint(meta, where=path)
+        if checkpointed != self.model.gemini.spec():
+            raise GeminiUserError(f"--c: {path} holds a deformer built as {checkpointed}, this version builds "
+                                  f"{self.model.gemini.spec()}: resume with the version that started the run, or "
+                                  f"start a new run without --c (or another -o).")
         had_restoration = ckpt["restoration_weights"] is not None
         if had_restoration != self.options.restoration:
             raise GeminiUserError(f"--c: {path} was trained {'with' if had_restoration else 'without'} restoration; "

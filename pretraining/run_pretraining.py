@@ -149,6 +149,7 @@ def _spawned_rank(rank: int, world_size: int, options_dict: dict, port: int) -> 
     """Entry of each -num_gpus process (torch.multiprocessing.spawn)."""
     import torch
     import torch.distributed as dist
+
     from nnunet_gemini.pretraining.pretrainer import PretrainOptions
     options = PretrainOptions(**options_dict)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

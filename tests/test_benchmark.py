@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import run_command
 
 METHODS = ["nnUNetTrainer", "nnUNetTrainerGEMINI_NoPretrain"]
@@ -186,7 +185,7 @@ def test_method_labels_and_ablation_results_dir_links_the_shared_pretraining(tmp
 
 
 @pytest.mark.parametrize("flag", [["--jobs", "0"], ["--draws", "0"], ["--n", "0"], ["--train_iters", "-1"],
-                                  ["--gemini_weight", "-1"], ["--gemini_weight", "nan"],
+                                  ["--gemini_weight", "-1"], ["--gemini_weight", "nan"], ["--gemini_weight", "0"],
                                   ["--gemini_rampup", "-0.1"], ["--gemini_rampup", "2"], ["--gemini_warmup", "1.5"],
                                   ["--gemini_lr", "0"], ["--gemini_deformer_lr=-1e-4"]])
 def test_out_of_range_counts_and_weights_are_refused_before_anything_runs(flag, tmp_path, capsys):

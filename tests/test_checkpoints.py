@@ -25,19 +25,33 @@ def test_atomic_save_and_weights_only_load(tmp_path):
 
 
 def test_injected_abort_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    from nnunet_gemini import atomic
     path = str(tmp_path / "checkpoint_latest.pth")
     ck.atomic_torch_save(_ours(1.0), path)
-    monkeypatch.setenv(ck.ABORT_AFTER_TMP_WRITE_ENV, "1")
-    with pytest.raises(ck.CheckpointWriteAborted):
+    monkeypatch.setenv(atomic.ABORT_AFTER_TMP_WRITE_ENV, "1")
+    with pytest.raises(atomic.WriteAborted):
         ck.atomic_torch_save(_ours(2.0), path)
     loaded = ck.load_our_checkpoint(path, ck.KIND_PRETRAIN)
     assert torch.equal(loaded["network_weights"]["w"], torch.ones(3))  # previous one intact
     # the temporary file is left as a killed process would leave it, under a name nothing loads
     leftovers = [f for f in os.listdir(tmp_path) if f != "checkpoint_latest.pth"]
-    assert len(leftovers) == 1 and leftovers[0].startswith(ck.TMP_PREFIX)
-    monkeypatch.delenv(ck.ABORT_AFTER_TMP_WRITE_ENV)
+    assert len(leftovers) == 1 and leftovers[0].startswith(atomic.TMP_PREFIX)
+    monkeypatch.delenv(atomic.ABORT_AFTER_TMP_WRITE_ENV)
     ck.atomic_torch_save(_ours(3.0), path)
     assert ck.load_our_checkpoint(path, ck.KIND_PRETRAIN)["network_weights"]["w"][0] == 3.0
+
+
+def test_json_writes_are_atomic_too(tmp_path, monkeypatch):
+    """results.json, pool manifests and splits go through the same writer: an abort keeps the old file."""
+    import json
+
+    from nnunet_gemini import atomic
+    path = str(tmp_path / "results.json")
+    atomic.write_json_atomic(path, {"runs": [1]})
+    monkeypatch.setenv(atomic.ABORT_AFTER_TMP_WRITE_ENV, "1")
+    with pytest.raises(atomic.WriteAborted):
+        atomic.write_json_atomic(path, {"runs": [1, 2]})
+    assert json.load(open(path)) == {"runs": [1]}
 
 
 def test_failed_save_removes_its_temporary_file(tmp_path):
@@ -209,3 +223,22 @@ def test_free_disk_and_writable(tmp_path):
 
 def test_state_dict_nbytes():
     assert ck.state_dict_nbytes({"a": torch.zeros(10), "b": torch.zeros(2, dtype=torch.float16)}) == 44
+
+
+def test_optimizer_state_prefix_is_what_an_optimizer_of_the_first_params_saves():
+    """Reading a trainer checkpoint from before the deformer's own optimiser: its SGD state over
+    network + deformer, cut to the network's parameters, loads into an SGD over the network alone."""
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(5)]
+    both = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    sum((q ** 2).sum() for q in params[1:]).backward()  # params[0] gets no gradient: no momentum entry
+    both.step()
+    state = both.state_dict()
+    assert ck.optimizer_state_params(state) == 5
+    network = [torch.nn.Parameter(q.detach().clone()) for q in params[:3]]
+    alone = torch.optim.SGD(network, lr=0.1, momentum=0.9)
+    alone.load_state_dict(ck.optimizer_state_prefix(state, 3))
+    assert ck.optimizer_state_params(alone.state_dict()) == 3 and len(alone.state) == 2
+    for q, r in zip(params[1:3], network[1:3]):
+        assert torch.equal(alone.state[r]["momentum_buffer"], both.state[q]["momentum_buffer"])
+    with pytest.raises(ValueError, match="at least 6 parameters"):
+        ck.optimizer_state_prefix(state, 6)

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import nnunet_env_dict, run_command
 
 SHAPES = [(20, 24, 22), (22, 24, 24), (20, 26, 24), (21, 24, 23), (20, 24, 24), (22, 25, 22), (20, 24, 25)]
@@ -84,8 +83,8 @@ def _bad(tmp_path, what):
         return root, r"images/case_002.nii.gz is unreadable .*replace or remove the file"
     if what == "label value outside dataset.json":
         with open(os.path.join(root, "dataset.json"), "w") as f:
-            json.dump({"channel_names": {"0": "MRI"}, "labels": {"background": 0, "outer": 1}, "file_ending": ".nii.gz"},
-                      f)
+            json.dump({"channel_names": {"0": "MRI"}, "labels": {"background": 0, "outer": 1},
+                       "file_ending": ".nii.gz"}, f)
         return root, r"labels/case_000.nii.gz holds label value\(s\) \[2\] that .*dataset.json does not define"
     if what == "non-integer labels":
         _write(np.full(SHAPES[0], 0.5, np.float32), os.path.join(labels, "case_000.nii.gz"))

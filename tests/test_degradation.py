@@ -19,7 +19,8 @@ def test_outputs_in_unit_range_with_rescaled_target(shape):
         assert t.min() >= 0 and t.max() <= 1
     flat = x.flatten(2)
     lo, hi = flat.amin(2), flat.amax(2)
-    expected = (x - lo[..., None, None, *([None] * (x.ndim - 4))]) / (hi - lo)[..., None, None, *([None] * (x.ndim - 4))]
+    pad = (..., None, None, *([None] * (x.ndim - 4)))
+    expected = (x - lo[pad]) / (hi - lo)[pad]
     assert torch.allclose(target, expected, atol=1e-6)
     assert (damaged != target).float().mean() > 0.5
 

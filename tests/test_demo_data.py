@@ -6,8 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from nnunet_gemini.demo_data import (LABELS, make_demo_dataset, make_subject,
-                                     subject_to_template_mm, template_anatomy)
+from nnunet_gemini.demo_data import LABELS, make_demo_dataset, make_subject, subject_to_template_mm, template_anatomy
 from nnunet_gemini.errors import GeminiUserError
 
 SHAPE, SPACING = (20, 24, 28), (2.0, 1.0, 1.5)

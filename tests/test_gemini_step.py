@@ -3,16 +3,24 @@ learning sanity check of the deformer on a synthetic pair with a known deformati
 import pytest
 import torch
 import torch.nn.functional as F
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from synthetic_pairs import synthetic_pair
 from torch import nn
 
-from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from nnunet_gemini.errors import GeminiUserError
-from nnunet_gemini.gemini_step import GeminiStep, from_options
+from nnunet_gemini.gemini_step import (
+    DEFAULT_INTEGRATION_STEPS,
+    GeminiStep,
+    deformer_spec,
+    from_options,
+    spec_from_checkpoint,
+    spec_to_checkpoint,
+    step_from_spec,
+)
 from nnunet_gemini.heads import Deformer, build_deformer
 from nnunet_gemini.losses import GeminiWeights
 from nnunet_gemini.network import DecoderFeatureTap
 from nnunet_gemini.registration import compose
-from synthetic_pairs import synthetic_pair
 
 OPS_2D = dict(conv_op=nn.Conv2d, norm_op=nn.InstanceNorm2d, norm_op_kwargs={"eps": 1e-5, "affine": True},
               nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
@@ -141,6 +149,33 @@ def test_options_and_user_errors():
         from_options(deformer, {"temperature": 0.1})
     with pytest.raises(GeminiUserError, match="unknown GEMINI weight"):
         from_options(deformer, {"weights": {"contrast": 1.0}})
+
+
+def test_one_deformer_spec_written_and_read_back():
+    """The spec: defaults in one place, both checkpoint layouts read back, a step rebuilt as described."""
+    assert deformer_spec() == {"deformation": "diffeomorphic", "resolution": "half", "bidirectional": False,
+                               "integration_steps": DEFAULT_INTEGRATION_STEPS}
+    assert deformer_spec("displacement")["bidirectional"] is True  # no closed-form inverse
+    network = tiny_unet()
+    for spec in (deformer_spec(), deformer_spec("displacement", "full", integration_steps=3),
+                 deformer_spec("diffeomorphic", "full", bidirectional=True, integration_steps=0)):
+        step = step_from_spec(network, spec)
+        assert step.spec() == spec and step.deformer.resolution == spec["resolution"]
+        fields = spec_to_checkpoint(step.spec())  # the layout both writers have always used
+        assert set(fields) == {"deformation", "deformer"} and set(fields["deformer"]) == {
+            "resolution", "bidirectional", "integration_steps"}
+        assert spec_from_checkpoint(fields, "ckpt") == spec
+    # checkpoints written before the spec: gemini_pretrain's extra ncc_window, keys left out
+    old_pretrain = {"deformation": "diffeomorphic", "deformer": {"resolution": "half", "bidirectional": False,
+                                                                 "integration_steps": 7, "ncc_window": 9}}
+    assert spec_from_checkpoint(old_pretrain, "ckpt") == deformer_spec()
+    assert spec_from_checkpoint({"deformer": {"resolution": "full"}}, "ckpt") == deformer_spec(resolution="full")
+    for entry, fragment in (({"deformation": "affine"}, "deformation 'affine'"),
+                            ({"deformer": {"resolution": "quarter"}}, "resolution 'quarter'"),
+                            ({"deformation": "displacement", "deformer": {"bidirectional": False}}, "bidirectional"),
+                            ({"deformer": {"integration_steps": -1}}, "integration_steps -1")):
+        with pytest.raises(GeminiUserError, match=f"old.pth: .*{fragment}"):
+            spec_from_checkpoint(entry, "old.pth")
 
 
 # the default (half, one direction) and both directions; full resolution costs more CPU and is

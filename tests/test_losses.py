@@ -3,8 +3,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nnunet_gemini.losses import (GeminiWeights, gemini_loss, local_ncc_loss, local_ncc_loss_dense,
-                                  masked_cosine_loss, restoration_loss, smoothness_loss)
+from nnunet_gemini.losses import (
+    GeminiWeights,
+    gemini_loss,
+    local_ncc_loss,
+    local_ncc_loss_dense,
+    masked_cosine_loss,
+    restoration_loss,
+    smoothness_loss,
+)
 
 
 def _smooth_image(shape, seed):
@@ -123,7 +130,7 @@ def _pair(ndim, seed=0):
     return img_a, img_b, leaves
 
 
-# which leaves each term alone sends gradient to (gemini-method.md section 3)
+# which leaves each term alone sends gradient to (docs/method.md section 8)
 ROUTING = {
     "semantic_feature": {"feat_a", "feat_b"},
     "semantic_flow": {"disp_ab", "disp_ba"},
@@ -161,7 +168,8 @@ def test_gemini_total_combines_weighted_terms():
     total, t = gemini_loss(img_a, img_b, **leaves, ncc_window=5, smoothness_kind="bending")
     expected = w.smoothness * t["smoothness"] + w.semantic * t["semantic"] + w.appearance * t["appearance"]
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert t["semantic"].item() == pytest.approx((0.1 * t["semantic_feature"] + 1.0 * t["semantic_flow"]).item(), rel=1e-6)
+    expected = 0.1 * t["semantic_feature"] + 1.0 * t["semantic_flow"]
+    assert t["semantic"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert t["ncc"].item() == pytest.approx(1 - t["appearance"].item() / 2, rel=1e-6)
     # identical pair with zero fields: appearance and semantic terms vanish
     zero = torch.zeros(2, 2, 10, 9)

@@ -172,6 +172,7 @@ def test_one_case_is_an_error():
 
 def test_works_on_nnunet_blosc2_dataset(tmp_path):
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
     from nnunet_gemini.unlabeled import load_pool_dataset
     rng = np.random.default_rng(4)
     for k in range(3):

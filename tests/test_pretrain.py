@@ -13,7 +13,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import DEMO_ID, run_command
 
 CLI = [sys.executable, "-m", "nnunet_gemini.pretraining.run_pretraining"]
@@ -76,6 +75,8 @@ def test_cli_outputs_at_documented_paths(demo):
     assert meta["compat"]["network_arch_class_name"].endswith("PlainConvUNet")
     assert sorted(meta["unlabeled_cases"]) == sorted(sources)
     assert meta["deformation"] == "diffeomorphic" and meta["versions"]["torch"] == torch.__version__
+    # the deformer spec, in the layout every reader reads (gemini_step.spec_from_checkpoint)
+    assert meta["deformer"] == {"resolution": "half", "bidirectional": False, "integration_steps": 7}
     assert all(t.device.type == "cpu" for t in ckpt["network_weights"].values())
     assert any(".seg_layers." in k for k in ckpt["network_weights"])  # the FULL network
     assert ckpt["deformer_weights"] and ckpt["restoration_weights"]
@@ -95,7 +96,7 @@ def test_nnunetv2_train_starts_from_the_checkpoint(demo, tmp_path):
                              "-device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     lines: "queue.Queue[str]" = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout], daemon=True).start()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     seen, loaded, started = [], False, False
     deadline = time.time() + 600
     try:
@@ -212,6 +213,7 @@ def test_nonfinite_loss_skips_the_update_then_stops(in_process_env, tmp_path, mo
 # ------------------------------------------------------------------------------ pretrained.py
 def test_apply_pretrained_loads_all_but_seg_layers_and_checks_compatibility(in_process_env):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
     from nnunet_gemini import pretrained
     from nnunet_gemini.checkpoints import network_compatibility_fields
     from nnunet_gemini.errors import GeminiUserError

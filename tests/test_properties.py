@@ -1,6 +1,7 @@
 """Hypothesis property tests over random shapes (odd, anisotropic, 2D/3D, batch 1-3, 1-2 channels)."""
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nnunet_gemini.losses import local_ncc_loss, masked_cosine_loss, smoothness_loss
 from nnunet_gemini.registration import folding_fraction, jacobian_determinant, validity_mask, warp

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import run_command
 
 SHIFT = np.array([2, 3, -4])          # voxels, numpy axis order (z, y, x)
@@ -124,6 +123,9 @@ def test_pairs_from_folder_reports_dice_per_ordered_pair(shifted_pair, monkeypat
     p = shifted_pair
     monkeypatch.setenv("nnUNet_preprocessed", p["env"]["nnUNet_preprocessed"])
     model = load_from_pretrain_checkpoint(p["checkpoint"], "cpu")
+    # the deformer as the checkpoint's spec says (keys it leaves out take the spec's defaults)
+    assert model.step.spec() == {"deformation": "diffeomorphic", "resolution": "full", "bidirectional": False,
+                                 "integration_steps": 7}
     summary = register_folder(model, str(p["folder"]), str(p["labels"]), str(p["root"] / "pairs"),
                               write_images=False)
     dice = {(q["moving"], q["fixed"]): q["dice"]["mean"] for q in summary["pairs"]}
@@ -142,3 +144,34 @@ def test_cli_rejects_two_models(shifted_pair):
          "-m", "a", "-f", "b", "-o", "x"], env=shifted_pair["env"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "exactly one model" in proc.stderr
+
+
+def test_trainer_results_are_rebuilt_from_their_spec(shifted_pair, tmp_path, monkeypatch):
+    """A trainer checkpoint's spec is read as written (bidirectional too, not forced from the
+    deformation model); --deformation may only fill in a deformation the checkpoint does not record."""
+    import shutil
+
+    import torch
+
+    from nnunet_gemini.checkpoints import atomic_torch_save
+    from nnunet_gemini.errors import GeminiUserError
+    from nnunet_gemini.register import load_from_trainer_results
+
+    p = shifted_pair
+    pretrain = torch.load(p["checkpoint"], map_location="cpu", weights_only=True)
+    name = pretrain["meta"]["dataset_name"]
+    folder = tmp_path / name / "nnUNetTrainerGEMINI__nnUNetPlans__3d_fullres"
+    os.makedirs(folder / "fold_all")
+    preprocessed = os.path.join(p["env"]["nnUNet_preprocessed"], name)
+    shutil.copy(os.path.join(preprocessed, "nnUNetPlans.json"), folder / "plans.json")
+    shutil.copy(os.path.join(preprocessed, "dataset.json"), folder / "dataset.json")
+    gemini = {"deformer_weights": pretrain["deformer_weights"], "deformation": "diffeomorphic",
+              "deformer": {"resolution": "full", "bidirectional": True, "integration_steps": 5}}
+    atomic_torch_save({"network_weights": pretrain["network_weights"], "gemini": gemini},
+                      str(folder / "fold_all" / "checkpoint_final.pth"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    model = load_from_trainer_results(name, device="cpu")
+    assert model.step.spec() == {"deformation": "diffeomorphic", "resolution": "full", "bidirectional": True,
+                                 "integration_steps": 5}
+    with pytest.raises(GeminiUserError, match="records deformation 'diffeomorphic'; drop --deformation"):
+        load_from_trainer_results(name, deformation="displacement", device="cpu")

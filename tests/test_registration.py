@@ -4,8 +4,15 @@ import math
 import pytest
 import torch
 
-from nnunet_gemini.registration import (compose, folding_fraction, integrate_velocity, jacobian_determinant,
-                                        resize_field, validity_mask, warp)
+from nnunet_gemini.registration import (
+    compose,
+    folding_fraction,
+    integrate_velocity,
+    jacobian_determinant,
+    resize_field,
+    validity_mask,
+    warp,
+)
 
 SHAPES = [(2, 3, 7, 9), (2, 2, 5, 8, 6)]
 

@@ -23,7 +23,6 @@ from typing import Callable, List, Tuple
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import DEMO_ID, REPO_ROOT
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -275,6 +274,7 @@ def test_too_little_free_disk_is_an_error_before_training(env, tmp_path, capsys,
 def test_trainer_checks_room_for_a_checkpoint_before_training(tmp_path, monkeypatch):
     """nnUNetTrainerGEMINI.on_train_start calls this before the first epoch."""
     import torch
+
     from nnunet_gemini import checkpoints
     from nnunet_gemini.errors import GeminiUserError
     from nnunet_gemini.trainers.nnUNetTrainerGEMINI import nnUNetTrainerGEMINI
@@ -318,6 +318,7 @@ def test_constant_and_smaller_than_patch_images_train_with_finite_values(env):
     is 0, not NaN), padded to the patch by the pair loader, and a full pre-training step on the
     pair (NCC, cosine, smoothness, restoration) is finite and updates the weights."""
     import torch
+
     from nnunet_gemini import unlabeled
     from nnunet_gemini.pairs import make_pair_loader
     from nnunet_gemini.pretraining.pretrainer import GeminiPretrainer, PretrainOptions
@@ -505,7 +506,8 @@ RELIABILITY_TABLE = [
         "test_checkpoints.py::test_injected_abort_keeps_previous_checkpoint"),
     Row("a failing save leaves no temporary file", "FAULT",
         "test_checkpoints.py::test_failed_save_removes_its_temporary_file"),
-    Row("SIGKILL between epochs, then --c", "FAULT", _here("test_sigkill_between_epochs_then_c_resumes_at_the_saved_epoch")),
+    Row("SIGKILL between epochs, then --c", "FAULT",
+        _here("test_sigkill_between_epochs_then_c_resumes_at_the_saved_epoch")),
     Row("--c restores the optimizer state and the epoch", "FAULT",
         "test_pretrain.py::test_resume_continues_at_the_right_epoch_with_optimizer_state"),
     Row("non-finite loss, pre-training (GEMINI_TEST_NONFINITE_AT_ITER)", "FAULT",
@@ -525,6 +527,20 @@ RELIABILITY_TABLE = [
     Row("nnU-Net trainer checkpoint with arbitrary objects is refused", "SAFE",
         "test_checkpoints.py::test_nnunet_loader_rejects_arbitrary_objects"),
     Row("no shell=True with user strings", "SAFE", _here("test_no_shell_true_and_no_os_system_in_the_library")),
+    Row("nnUNet_gemini_weight=0 for a trainer with the GEMINI loss", "ERROR",
+        "test_trainers.py::test_gemini_weight_zero_is_refused_where_the_loss_trains_the_deformer"),
+    Row("the removed nnUNet_gemini_rampup_epochs is set", "ERROR",
+        "test_trainers.py::test_rampup_warmup_factors_and_their_options"),
+    Row("--c with nnUNet_gemini_deformation contradicting the trainer checkpoint", "ERROR",
+        "test_trainers.py::test_continue_rebuilds_the_deformer_as_checkpointed"),
+    Row("gemini_register --deformation contradicting the trainer checkpoint", "ERROR",
+        "test_register.py::test_trainer_results_are_rebuilt_from_their_spec"),
+    Row("--c on a fold without a checkpoint is a fresh start (pre-training loaded)", "OK",
+        "test_trainers.py::test_cli_continue_on_a_fold_without_checkpoint_starts_from_the_pretraining"),
+    Row("trainer checkpoint from before the deformer's own optimiser, then --c / --val", "OK",
+        "test_trainers.py::test_checkpoint_from_before_the_deformer_optimizer_resumes"),
+    Row("trainer --c restores the deformer's Adam state and its spec", "FAULT",
+        "test_trainers.py::test_checkpoint_resume_restores_deformer_optimizer_and_logging"),
 ]
 
 
@@ -545,6 +561,43 @@ def test_every_item_has_an_existing_test():
     # every ERROR case of the parametrised table appears in the reliability table
     listed = {r.covered_by for r in RELIABILITY_TABLE}
     assert {_here(_E, item) for item in ERROR_CASES} <= listed
+
+
+# --------------------------------------------------------------- docs/reliability.md against the table
+RELIABILITY_DOC = os.path.join(REPO_ROOT, "docs", "reliability.md")
+
+
+def _tests_named_in_reliability_doc() -> List[Tuple[str, str, str]]:
+    """(file, test, param or "") of every test in the last column of docs/reliability.md's tables: a
+    cell names `file.py::test_name[param]`; `test_reliability.py::...[param]` abbreviates _E."""
+    import re
+    doc_test = re.compile(r"(\w+\.py)::(\.\.\.|\w+)(?:\[([^\]]*)\])?")
+    named = []
+    for line in open(RELIABILITY_DOC, encoding="utf-8"):
+        if line.startswith("|") and "::" in line:
+            cell = line.rstrip().rstrip("|").rsplit("|", 1)[-1]
+            for file_name, test, param in doc_test.findall(cell):
+                named.append((file_name, _E if test == "..." else test, param))
+    return named
+
+
+def test_reliability_doc_matches_the_table():
+    """docs/reliability.md is checked against RELIABILITY_TABLE, not kept by hand beside it: every
+    test its tables name exists (a parameter must be one the test is parametrised with), and every
+    test RELIABILITY_TABLE lists is named there."""
+    named = _tests_named_in_reliability_doc()
+    assert len(named) >= len({r.covered_by for r in RELIABILITY_TABLE}), "no test column found in the doc"
+    for file_name, test, param in named:
+        assert os.path.isfile(os.path.join(TESTS, file_name)), f"docs/reliability.md names missing {file_name}"
+        assert test in _test_functions(file_name), f"docs/reliability.md names missing {file_name}::{test}"
+        if param and test == _E:
+            assert param in ERROR_CASES, f"docs/reliability.md: {param!r} is not a case of {_E}"
+        elif param:
+            source = open(os.path.join(TESTS, file_name), encoding="utf-8").read()
+            assert f'"{param}"' in source, f"docs/reliability.md: {file_name}::{test} has no case {param!r}"
+    in_doc = {f"{f}::{t}" + (f"[{p}]" if p else "") for f, t, p in named}
+    missing = sorted({r.covered_by for r in RELIABILITY_TABLE} - in_doc)
+    assert not missing, f"RELIABILITY_TABLE entries without a line in docs/reliability.md: {missing}"
 
 
 if __name__ == "__main__":

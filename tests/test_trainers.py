@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import DEMO_CASES, run_command
 
 BUDGET = {"nnUNet_gemini_num_epochs": "1", "nnUNet_gemini_iters_per_epoch": "2", "nnUNet_gemini_val_iters": "1",
@@ -58,6 +57,7 @@ def _plans_and_dataset_json(demo, env):
 
 def make_trainer(cls_name, demo, env, configuration="2d", fold="all", continue_training=False, plans=None):
     import torch
+
     from nnunet_gemini import trainers
     default_plans, dataset_json = _plans_and_dataset_json(demo, env)
     plans = default_plans if plans is None else plans
@@ -118,6 +118,7 @@ def test_cli_train_3d_runs_to_final_validation_and_predicts(demo_copy, tmp_path)
     # what gemini_register needs to rebuild the deformer
     assert ckpt["gemini"]["deformation"] == "diffeomorphic"
     assert ckpt["gemini"]["deformer"] == {"resolution": "half", "bidirectional": False, "integration_steps": 7}
+    assert ckpt["gemini"]["deformer_optimizer_state"]["param_groups"][0]["lr"] == 1e-4  # its own Adam
     assert not any(k.startswith(("deformer", "gemini")) for k in ckpt["network_weights"])
     assert len(ckpt["logging"]["gemini_total"]) == 1 and np.isfinite(ckpt["logging"]["gemini_total"][0])
 
@@ -168,6 +169,7 @@ def test_final_validation_switch_skips_only_when_set(api_env, monkeypatch):
 def write_fake_pretrain_checkpoint(demo, env, configuration="2d", **compat_changes):
     """A valid gemini_pretrain checkpoint (pretrained.py schema) with random weights of the right shapes."""
     import torch
+
     from nnunet_gemini import checkpoints, pretrained
     donor = make_trainer("nnUNetTrainerGEMINI_NoPretrain", demo, env, configuration)
     donor.initialize()
@@ -177,12 +179,11 @@ def write_fake_pretrain_checkpoint(demo, env, configuration="2d", **compat_chang
     with torch.no_grad():
         for p in list(donor.network.parameters()) + list(donor.gemini_deformer.parameters()):
             p.add_(torch.randn_like(p))  # weights no fresh initialisation could have
+    from nnunet_gemini.gemini_step import spec_to_checkpoint
     ckpt = {"gemini_kind": checkpoints.KIND_PRETRAIN,
             "format_version": pretrained.FORMAT_VERSION,
             "network_weights": _state(donor.network), "deformer_weights": _state(donor.gemini_deformer),
-            "meta": {"compat": compat, "deformation": "diffeomorphic",
-                     "deformer": {"resolution": donor.deformer_resolution, "bidirectional": donor.gemini_bidirectional,
-                                  "integration_steps": donor.gemini_integration_steps}}}
+            "meta": {"compat": compat, **spec_to_checkpoint(donor.gemini_step.spec())}}
     path = os.path.join(pretrained.pretrain_output_dir(demo.dataset_name, "nnUNetPlans", configuration),
                         pretrained.FINAL_CHECKPOINT)
     checkpoints.atomic_torch_save(ckpt, path)
@@ -213,23 +214,47 @@ def test_fresh_run_loads_pretrained_checkpoint_and_logs_it(api_env):
     assert "Network weights in use: nnU-Net -pretrained_weights" in _log_text(trainer)
 
 
-def test_no_automatic_load_on_continue_or_when_switched_off(api_env, monkeypatch):
+def test_continue_without_a_checkpoint_loads_the_pretraining_unless_switched_off(api_env, monkeypatch):
+    """`--c` on a fold without a checkpoint is a fresh start (nnU-Net never calls load_checkpoint):
+    the pre-training is loaded as on any fresh start (bug 3 of issue 13: it was skipped)."""
     import torch
     demo, env = api_env
-    _, ckpt = write_fake_pretrain_checkpoint(demo, env)
+    path, ckpt = write_fake_pretrain_checkpoint(demo, env)
     key = next(k for k in ckpt["network_weights"] if ".seg_layers." not in k and k.endswith("weight"))
-    resumed = make_trainer("nnUNetTrainerGEMINI", demo, env, continue_training=True)
-    resumed.initialize()
-    assert not torch.equal(resumed.network.state_dict()[key], ckpt["network_weights"][key])
-    assert resumed.pretrained_source is None
-    no_pretrain = make_trainer("nnUNetTrainerGEMINI_NoPretrain", demo, env)
+    continued = make_trainer("nnUNetTrainerGEMINI", demo, env, continue_training=True)
+    continued.initialize()
+    assert torch.equal(continued.network.state_dict()[key], ckpt["network_weights"][key])
+    assert continued.pretrained_source == path
+    no_pretrain = make_trainer("nnUNetTrainerGEMINI_NoPretrain", demo, env, continue_training=True)
     no_pretrain.initialize()
     assert no_pretrain.pretrained_source is None
     monkeypatch.setenv("nnUNet_gemini_auto_pretrained", "0")
-    switched_off = make_trainer("nnUNetTrainerGEMINI", demo, env)
+    switched_off = make_trainer("nnUNetTrainerGEMINI", demo, env, continue_training=True)
     switched_off.initialize()
     assert not torch.equal(switched_off.network.state_dict()[key], ckpt["network_weights"][key])
     assert "nnUNet_gemini_auto_pretrained=0" in _log_text(switched_off)
+
+
+def test_cli_continue_on_a_fold_without_checkpoint_starts_from_the_pretraining(api_env):
+    """The real `nnUNetv2_train ... all --c` (cluster scripts pass --c on every start) on an empty fold,
+    with a pre-training present: nnU-Net starts a new training and the pre-training is loaded. With a
+    tiny nnUNet_gemini_lr the trained network stays at the pre-trained weights (seg layers aside)."""
+    import torch
+    demo, env = api_env
+    _, ckpt = write_fake_pretrain_checkpoint(demo, env, configuration="3d_fullres")
+    env = dict(env, nnUNet_results=os.environ["nnUNet_results"], nnUNet_gemini_lr="1e-9",
+               nnUNet_gemini_final_validation="0")
+    proc = run_command(["nnUNetv2_train", str(demo.dataset_id), "3d_fullres", "all", "-tr", "nnUNetTrainerGEMINI",
+                        "-device", "cpu", "--c"], env)
+    assert "Cannot continue training" in proc.stdout  # nnU-Net's own fresh start
+    fold_dir = os.path.join(env["nnUNet_results"], demo.dataset_name, "nnUNetTrainerGEMINI__nnUNetPlans__3d_fullres",
+                            "fold_all")
+    log = open(os.path.join(fold_dir, next(f for f in os.listdir(fold_dir) if f.startswith("training_log_")))).read()
+    assert "Loaded the gemini_pretrain checkpoint" in log and "nnUNet_gemini_lr = 1e-09 (environment)" in log
+    final = torch.load(os.path.join(fold_dir, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    backbone = [k for k in ckpt["network_weights"] if ".seg_layers." not in k]
+    assert backbone and all(torch.allclose(final["network_weights"][k], ckpt["network_weights"][k], atol=1e-6)
+                            for k in backbone)
 
 
 def test_incompatible_pretrained_checkpoint_is_refused_naming_both(api_env):
@@ -244,15 +269,18 @@ def test_incompatible_pretrained_checkpoint_is_refused_naming_both(api_env):
 
 def test_finetune_refuses_without_checkpoint_and_loads_one(api_env):
     import torch
+
     from nnunet_gemini.errors import GeminiUserError
     demo, env = api_env
-    trainer = make_trainer("nnUNetTrainerGEMINIFinetune", demo, env)
-    with pytest.raises(GeminiUserError, match=f"gemini_pretrain -d {demo.dataset_id}"):
-        trainer.initialize()
+    for continue_training in (False, True):  # --c on a fold without checkpoint is a fresh start too
+        trainer = make_trainer("nnUNetTrainerGEMINIFinetune", demo, env, continue_training=continue_training)
+        with pytest.raises(GeminiUserError, match=f"gemini_pretrain -d {demo.dataset_id}"):
+            trainer.initialize()
     _, ckpt = write_fake_pretrain_checkpoint(demo, env)
     trainer = make_trainer("nnUNetTrainerGEMINIFinetune", demo, env)
     trainer.initialize()
     assert trainer.gemini_deformer is None and trainer.gemini_step is None  # supervised only
+    assert trainer.deformer_optimizer is None
     assert len(trainer.optimizer.param_groups[0]["params"]) == len(list(trainer.network.parameters()))
     key = next(k for k in ckpt["network_weights"] if ".seg_layers." not in k)
     assert torch.equal(trainer.network.state_dict()[key], ckpt["network_weights"][key])
@@ -286,11 +314,17 @@ def test_one_step_trains_network_and_deformer_and_supervised_loss_sees_only_labe
     n, p = trainer.batch_size, trainer.unlabeled_batch
     assert seen["input"] == n + 2 * p  # one forward for labelled + pairs
     assert set(seen["output"]) == {n} and set(seen["target"]) == {n}
-    changed = lambda before, module: [k for k, v in module.state_dict().items()
-                                      if v.is_floating_point() and not torch.equal(v, before[k])]
+
+    def changed(before, module):
+        return [k for k, v in module.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+
     assert changed(net_before, trainer.network) and changed(deformer_before, trainer.gemini_deformer)
     assert np.isfinite(result["loss"]) and np.isfinite(result["gemini_total"]) and result["gemini_total"] > 0
-    assert trainer.optimizer.param_groups[0]["params"][-1] is list(trainer.gemini_deformer.parameters())[-1]
+    # two optimisers: nnU-Net's SGD over the network only, the deformer's own Adam
+    assert [id(q) for q in trainer.optimizer.param_groups[0]["params"]] == [id(q) for q in trainer.network.parameters()]
+    assert isinstance(trainer.deformer_optimizer, torch.optim.Adam)
+    assert [id(q) for q in trainer.deformer_optimizer.param_groups[0]["params"]] == \
+        [id(q) for q in trainer.gemini_deformer.parameters()]
 
 
 def test_out_of_memory_names_the_unlabelled_batch_setting(started_trainer):
@@ -322,8 +356,8 @@ def test_nonfinite_loss_skips_the_update_then_stops(started_trainer, monkeypatch
         trainer.train_step(next(trainer.dataloader_train))
 
 
-def test_rampup_scales_the_gemini_term_by_epoch(started_trainer):
-    """nnUNet_gemini_rampup_epochs: d total / d gemini is weight * exp(-5 (1 - epoch/R)^2), then weight."""
+def test_rampup_scales_the_gemini_term_per_iteration(started_trainer):
+    """nnUNet_gemini_rampup R: d total / d gemini is weight * exp(-5 (1 - i / (R * total))^2), then weight."""
     import math
     trainer = started_trainer
     original, seen = trainer.gemini_step, {}
@@ -334,27 +368,146 @@ def test_rampup_scales_the_gemini_term_by_epoch(started_trainer):
         return loss, logs
 
     trainer.gemini_step = spy
-    trainer.gemini_weight, trainer.gemini_rampup_epochs = 0.5, 4
+    trainer.gemini_weight, trainer.gemini_rampup = 0.5, 0.4
+    trainer.num_epochs, trainer.num_iterations_per_epoch = 10, 10  # 100 iterations: ramp-up over 40
     try:
-        for epoch, factor in ((0, math.exp(-5.0)), (2, math.exp(-1.25)), (4, 1.0), (9, 1.0)):
-            trainer.current_epoch = epoch
+        for iteration, factor in ((0, math.exp(-5.0)), (20, math.exp(-1.25)), (40, 1.0), (90, 1.0)):
+            trainer.global_iteration = iteration
             trainer.train_step(next(trainer.dataloader_train))
             assert seen.pop("d_total_d_gemini") == pytest.approx(0.5 * factor, rel=1e-6)
     finally:
         trainer.gemini_step = original  # on_train_end saves the step's settings
 
 
-def test_rampup_factor_and_its_option():
+def test_rampup_warmup_factors_and_their_options():
     from nnunet_gemini.errors import GeminiUserError
-    from nnunet_gemini.trainers.options import rampup_factor, read_env_options
-    assert [rampup_factor(e, 0) for e in (0, 5)] == [1.0, 1.0]  # default: no ramp-up (as released)
-    ramp = [rampup_factor(e, 10) for e in range(12)]
+    from nnunet_gemini.trainers.options import rampup_factor, read_env_options, warmup_factor
+    assert [rampup_factor(i, 0.0, 100) for i in (0, 50)] == [1.0, 1.0]  # default: no ramp-up (as released)
+    ramp = [rampup_factor(i, 0.1, 100) for i in range(12)]
     assert ramp[0] == pytest.approx(np.exp(-5)) and ramp[10:] == [1.0, 1.0]
     assert all(a < b for a, b in zip(ramp[:10], ramp[1:11]))  # strictly rising to the full weight
-    assert read_env_options({"nnUNet_gemini_rampup_epochs": "25"}).rampup_epochs == 25
-    with pytest.raises(GeminiUserError, match="nnUNet_gemini_rampup_epochs='-1' must be a non-negative integer"):
-        read_env_options({"nnUNet_gemini_rampup_epochs": "-1"})
+    assert rampup_factor(500, 0.1, 10000) == rampup_factor(5, 0.1, 100)  # a share: the same in a longer run
+    assert [warmup_factor(i, 0.0, 100) for i in (0, 50)] == [1.0, 1.0]
+    assert [warmup_factor(i, 0.1, 100) for i in (0, 4, 9, 10, 99)] == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0])
+    options = read_env_options({"nnUNet_gemini_rampup": "0.25", "nnUNet_gemini_warmup": "0.05",
+                                "nnUNet_gemini_lr": "3e-3", "nnUNet_gemini_deformer_lr": "2e-4"})
+    assert (options.rampup, options.warmup, options.lr, options.deformer_lr) == (0.25, 0.05, 3e-3, 2e-4)
+    defaults = read_env_options({})
+    assert (defaults.rampup, defaults.warmup, defaults.lr, defaults.deformer_lr) == (0.0, 0.0, 1e-2, 1e-4)
+    for var, raw, what in (("rampup", "1.5", "in \\[0, 1\\]"), ("warmup", "1", "in \\[0, 1\\)"),
+                           ("lr", "0", "> 0"), ("deformer_lr", "-1e-4", "> 0"), ("deformer_lr", "nan", "> 0")):
+        with pytest.raises(GeminiUserError, match=f"nnUNet_gemini_{var}='{raw}' must be .*{what}"):
+            read_env_options({f"nnUNet_gemini_{var}": raw})
+    with pytest.raises(GeminiUserError, match="nnUNet_gemini_rampup_epochs was replaced by nnUNet_gemini_rampup "
+                                              "\\(a share of the run"):
+        read_env_options({"nnUNet_gemini_rampup_epochs": "25"})
 
+
+def test_gemini_weight_zero_is_refused_where_the_loss_trains_the_deformer(api_env, monkeypatch):
+    from nnunet_gemini.errors import GeminiUserError
+    demo, env = api_env
+    monkeypatch.setenv("nnUNet_gemini_weight", "0")
+    for name in ("nnUNetTrainerGEMINI", "nnUNetTrainerGEMINI_NoPretrain"):
+        with pytest.raises(GeminiUserError, match="nnUNet_gemini_weight=0 switches the GEMINI loss off.*"
+                                                  "nnUNetTrainerGEMINIFinetune.*nnUNetTrainer"):
+            make_trainer(name, demo, env)
+    make_trainer("nnUNetTrainerGEMINIFinetune", demo, env)  # supervised only: the weight is unused
+
+
+def test_deformer_learns_independently_of_the_gemini_weight(started_trainer):
+    """Issue 13: with weights 1 and 0.1 the deformer moves alike over 5 steps (its Adam sees
+    gradient / weight), the backbone's GEMINI gradient scales with the weight, and the grad
+    scaler path (unscale both optimisers, step both) gives the deformer the same gradient."""
+    import copy
+
+    import torch
+    trainer = started_trainer
+    # the same labelled batches and pairs in every run (the loaders draw at random)
+    batches = [next(trainer.dataloader_train) for _ in range(5)]
+    pairs = [next(trainer.pair_loader) for _ in range(5)]
+    start = copy.deepcopy({"net": trainer.network.state_dict(), "deformer": trainer.gemini_deformer.state_dict(),
+                           "sgd": trainer.optimizer.state_dict(), "adam": trainer.deformer_optimizer.state_dict()})
+
+    def reset(weight):
+        trainer.network.load_state_dict(start["net"])
+        trainer.gemini_deformer.load_state_dict(start["deformer"])
+        trainer.optimizer.load_state_dict(start["sgd"])
+        trainer.deformer_optimizer.load_state_dict(start["adam"])
+        trainer.gemini_weight, trainer.global_iteration = weight, 0
+
+    def run(steps):
+        for i in range(steps):
+            trainer.pair_loader = iter([pairs[i]])
+            trainer.train_step(batches[i])
+
+    moved = {}
+    for weight in (1.0, 0.1):
+        reset(weight)
+        run(5)
+        moved[weight] = float(torch.cat([(v - start["deformer"][k]).flatten() for k, v in
+                                         trainer.gemini_deformer.state_dict().items() if v.is_floating_point()]).norm())
+    assert moved[1.0] > 0 and moved[0.1] > 0
+    assert 1 / 1.5 < moved[1.0] / moved[0.1] < 1.5, moved
+
+    # one step, supervised loss off: the backbone's gradient is weight * d gemini, the deformer's is not
+    loss, grads = trainer.loss, {}
+    trainer.loss = lambda output, target: sum(o.sum() for o in output) * 0.0
+    net_params, deformer_params = list(trainer.network.parameters()), list(trainer.gemini_deformer.parameters())
+    pre_step = trainer.deformer_optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: grads.__setitem__("deformer", [q.grad.clone() for q in deformer_params]))
+    try:
+        for weight, scaler in ((1.0, None), (0.1, None), (0.1, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))):
+            reset(weight)
+            trainer.grad_scaler = scaler
+            raw = {}  # the network's gradients as backward computes them (before the clip)
+            hooks = [q.register_hook(lambda g, i=i: raw.__setitem__(i, g.clone())) for i, q in enumerate(net_params)]
+            run(1)
+            for h in hooks:
+                h.remove()
+            scale = 2.0 ** 10 if scaler is not None else 1.0  # the scale this backward ran with
+            grads[(weight, scaler is not None)] = (torch.cat([raw[i].flatten() for i in sorted(raw)]) / scale,
+                                                   torch.cat([g.flatten() for g in grads.pop("deformer")]))
+    finally:
+        pre_step.remove()
+        trainer.loss, trainer.grad_scaler = loss, None
+    (net_1, deformer_1), (net_01, deformer_01) = grads[(1.0, False)], grads[(0.1, False)]
+    net_amp, deformer_amp = grads[(0.1, True)]
+    assert net_1.norm() > 0 and deformer_1.norm() > 0
+
+    def close(a, b):  # float32 sums in another order: compare norm-relative
+        return float((a - b).norm()) <= 1e-4 * float(b.norm())
+
+    assert close(net_01, 0.1 * net_1) and close(net_amp, net_01)
+    assert close(deformer_01, deformer_1) and close(deformer_amp, deformer_1)
+
+
+def test_network_lr_option_and_per_iteration_warmup(api_env, monkeypatch):
+    """nnUNet_gemini_lr is the network's initial SGD + poly lr; nnUNet_gemini_warmup scales it linearly
+    per iteration, also in nnUNetTrainerGEMINIFinetune (nnU-Net's own train_step); both logged."""
+    demo, env = api_env
+    write_fake_pretrain_checkpoint(demo, env)
+    for var, value in (("lr", "0.02"), ("warmup", "0.25"), ("num_epochs", "4"), ("iters_per_epoch", "2")):
+        monkeypatch.setenv(f"nnUNet_gemini_{var}", value)  # 8 iterations: warm-up over 2
+    for name in ("nnUNetTrainerGEMINIFinetune", "nnUNetTrainerGEMINI"):
+        trainer = make_trainer(name, demo, env)
+        trainer.on_train_start()
+        try:
+            trainer.on_train_epoch_start()
+            assert trainer._poly_lr == pytest.approx(0.02)
+            seen = []
+            hook = trainer.optimizer.register_step_pre_hook(
+                lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+            outputs = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(3)]
+            hook.remove()
+            assert seen == pytest.approx([0.01, 0.02, 0.02])
+            trainer.on_train_epoch_end(outputs)
+            log = _log_text(trainer)
+            assert "nnUNet_gemini_lr = 0.02 (environment)" in log and "nnUNet_gemini_warmup = 0.25 (environment)" in log
+            assert "network: SGD + poly from lr 0.02, linear warm-up over 2 of 8 iterations" in log
+            assert "learning rate in use at the last iteration: network 0.02 (poly 0.02 x warm-up 1)" in log
+            assert trainer.global_iteration == 3
+        finally:
+            trainer.on_train_end()
 
 
 def test_pair_positions_option_reaches_the_pair_loader(api_env, monkeypatch):
@@ -391,9 +544,23 @@ def test_checkpoint_resume_restores_deformer_optimizer_and_logging(started_train
         assert torch.equal(resumed.gemini_deformer.state_dict()[k], v)
     for k, v in trainer.network.state_dict().items():
         assert torch.equal(resumed.network.state_dict()[k], v)
-    momentum = lambda t: [s["momentum_buffer"] for s in t.optimizer.state_dict()["state"].values()]
-    assert len(momentum(resumed)) == len(momentum(trainer)) > len(list(trainer.network.parameters()))
+
+    def momentum(t):
+        return [s["momentum_buffer"] for s in t.optimizer.state_dict()["state"].values()]
+
+    assert len(momentum(resumed)) == len(momentum(trainer)) > 0
+    assert len(resumed.optimizer.param_groups[0]["params"]) == len(list(trainer.network.parameters()))  # network only
     assert all(torch.equal(a, b) for a, b in zip(momentum(resumed), momentum(trainer)))
+    # the deformer's Adam state round-trips (step counters and both moments)
+
+    def adam(t):
+        return t.deformer_optimizer.state_dict()["state"]
+
+    assert len(adam(resumed)) == len(adam(trainer)) == len(list(trainer.gemini_deformer.parameters()))
+    for k, state in adam(trainer).items():
+        assert float(adam(resumed)[k]["step"]) == float(state["step"]) == 1.0
+        assert torch.equal(adam(resumed)[k]["exp_avg"], state["exp_avg"])
+        assert torch.equal(adam(resumed)[k]["exp_avg_sq"], state["exp_avg_sq"])
     assert resumed.logger.get_value("gemini_total", None) == trainer.logger.get_value("gemini_total", None)
     assert resumed.global_iteration == trainer.global_iteration == 1
 
@@ -404,6 +571,92 @@ def test_checkpoint_resume_restores_deformer_optimizer_and_logging(started_train
         trainer.plans_manager, trainer.configuration_manager, trainer.num_input_channels,
         trainer.label_manager.num_segmentation_heads, False)
     plain.load_state_dict(ckpt["network_weights"], strict=True)
+
+
+def test_checkpoint_from_before_the_deformer_optimizer_resumes(started_trainer, api_env, tmp_path):
+    """A trainer checkpoint written before the deformer had an Adam of its own: one SGD state over
+    network + deformer (network parameters first), no deformer optimiser state. --c / --val restore
+    the network's SGD state, start a fresh deformer Adam, say so, and training goes on."""
+    import torch
+
+    from nnunet_gemini.checkpoints import atomic_torch_save
+    demo, env = api_env
+    trainer = started_trainer
+    trainer.on_train_epoch_end([trainer.train_step(next(trainer.dataloader_train))])
+    path = str(tmp_path / "checkpoint_latest.pth")
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    # what the old trainer saved: SGD over network + deformer, momentum for both
+    network, deformer = list(trainer.network.parameters()), list(trainer.gemini_deformer.parameters())
+    old_sgd = torch.optim.SGD(network + deformer, 0.01, weight_decay=3e-5, momentum=0.99, nesterov=True)
+    for q in network:
+        if q in trainer.optimizer.state:  # parameters without a gradient yet have no momentum
+            old_sgd.state[q] = {"momentum_buffer": trainer.optimizer.state[q]["momentum_buffer"].clone()}
+    for q in deformer:
+        old_sgd.state[q] = {"momentum_buffer": torch.randn_like(q)}
+    checkpoint["optimizer_state"] = old_sgd.state_dict()
+    del checkpoint["gemini"]["deformer_optimizer_state"]
+    atomic_torch_save(checkpoint, path)
+
+    resumed = make_trainer("nnUNetTrainerGEMINI_NoPretrain", demo, env, continue_training=True)
+    resumed.load_checkpoint(path)
+    assert "written before the deformer had an optimiser of its own" in _log_text(resumed)
+    assert len(resumed.optimizer.state) == len(trainer.optimizer.state) > 0
+    for q, r in zip(network, resumed.network.parameters()):
+        if q in trainer.optimizer.state:
+            assert torch.equal(resumed.optimizer.state[r]["momentum_buffer"],
+                               trainer.optimizer.state[q]["momentum_buffer"])
+    assert not resumed.deformer_optimizer.state  # fresh Adam
+    for k, v in trainer.gemini_deformer.state_dict().items():
+        assert torch.equal(resumed.gemini_deformer.state_dict()[k], v)
+    resumed.on_train_start()
+    try:
+        assert np.isfinite(resumed.train_step(next(resumed.dataloader_train))["gemini_total"])
+        assert len(resumed.deformer_optimizer.state) == len(deformer)
+    finally:
+        resumed.on_train_end()
+
+
+def test_continue_rebuilds_the_deformer_as_checkpointed(api_env, tmp_path, monkeypatch):
+    """Bug 4 of issue 13: a `gemini_pretrain --deformation displacement` start, trained by
+    nnUNetTrainerGEMINI, resumes (--c) as displacement with the checkpoint's resolution, direction
+    and integration steps (the file is read before initialize() builds the deformer); a contradicting
+    nnUNet_gemini_deformation is refused."""
+    import torch
+
+    from nnunet_gemini.checkpoints import atomic_torch_save
+    from nnunet_gemini.errors import GeminiUserError
+    demo, env = api_env
+    run_command([sys.executable, "-m", "nnunet_gemini.pretraining.run_pretraining", "-d", str(demo.dataset_id),
+                 "-c", "2d", "-device", "cpu", "--epochs", "1", "--iters_per_epoch", "1", "-np", "1",
+                 "--deformation", "displacement"], dict(env, nnUNet_results=os.environ["nnUNet_results"]))
+    trainer = make_trainer("nnUNetTrainerGEMINI", demo, env)
+    trainer.on_train_start()
+    try:
+        assert trainer.pretrained_source and trainer.gemini_step.spec() == {
+            "deformation": "displacement", "resolution": "half", "bidirectional": True, "integration_steps": 7}
+        trainer.on_train_epoch_end([trainer.train_step(next(trainer.dataloader_train))])
+        path = str(tmp_path / "checkpoint_latest.pth")
+        trainer.save_checkpoint(path)
+    finally:
+        trainer.on_train_end()
+    resumed = make_trainer("nnUNetTrainerGEMINI", demo, env, continue_training=True)
+    resumed.load_checkpoint(path)
+    assert resumed.gemini_step.spec() == trainer.gemini_step.spec()
+    for k, v in trainer.gemini_deformer.state_dict().items():
+        assert torch.equal(resumed.gemini_deformer.state_dict()[k], v)
+    # every field of the spec is read back, not only the deformation model
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint["gemini"]["deformer"].update(resolution="full", integration_steps=5)
+    atomic_torch_save(checkpoint, path)
+    resumed = make_trainer("nnUNetTrainerGEMINI", demo, env, continue_training=True)
+    resumed.load_checkpoint(path)
+    assert resumed.gemini_step.spec() == {"deformation": "displacement", "resolution": "full", "bidirectional": True,
+                                          "integration_steps": 5}
+    monkeypatch.setenv("nnUNet_gemini_deformation", "diffeomorphic")
+    with pytest.raises(GeminiUserError, match="trained with deformation 'displacement', but nnUNet_gemini_"
+                                              "deformation=diffeomorphic.*unset nnUNet_gemini_deformation"):
+        make_trainer("nnUNetTrainerGEMINI", demo, env, continue_training=True).load_checkpoint(path)
 
 
 def test_continue_from_a_checkpoint_without_deformer_is_refused(api_env, tmp_path):
@@ -464,9 +717,9 @@ def test_ddp_two_cpu_processes_keep_network_and_deformer_identical(demo_copy, tm
     pool = os.path.join(env["nnUNet_preprocessed"], demo.dataset_name, "nnUNetPlans_3d_fullres_gemini_unlabeled")
     shutil.rmtree(pool, ignore_errors=True)  # built on first use: by rank 0 alone, the other rank waits
     worker = os.path.join(os.path.dirname(__file__), "ddp_trainer_worker.py")
-    procs = [subprocess.Popen([sys.executable, worker, str(demo.dataset_id), "3d_fullres", "nnUNetTrainerGEMINI_NoPretrain",
-                               str(tmp_path)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    args = [sys.executable, worker, str(demo.dataset_id), "3d_fullres", "nnUNetTrainerGEMINI_NoPretrain", str(tmp_path)]
+    procs = [subprocess.Popen(args, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(f"--- rank {r} ---\n{out[-4000:]}"
                                                             for r, out in enumerate(outputs))

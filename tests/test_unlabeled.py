@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_gemini.errors import GeminiUserError
 from nnunet_gemini import unlabeled
-
+from nnunet_gemini.errors import GeminiUserError
 
 
 def write_image(array, path, spacing=(1.0, 1.0, 1.0)):

@@ -2,9 +2,12 @@
 
 Every name in __all__ is re-exported by the trainer shim that nnU-Net searches for `-tr NAME`.
 """
-from nnunet_gemini.trainers.nnUNetTrainerGEMINI import (nnUNetTrainerGEMINI, nnUNetTrainerGEMINI_NoPretrain,
-                                                        nnUNetTrainerGEMINIFinetune)
 from nnunet_gemini.trainers import variants
+from nnunet_gemini.trainers.nnUNetTrainerGEMINI import (
+                                                        nnUNetTrainerGEMINI,
+                                                        nnUNetTrainerGEMINI_NoPretrain,
+                                                        nnUNetTrainerGEMINIFinetune,
+)
 from nnunet_gemini.trainers.variants import *  # noqa: F401,F403  nnUNetTrainerEnvBudget, length variants
 
 __all__ = ["nnUNetTrainerGEMINI", "nnUNetTrainerGEMINI_NoPretrain", "nnUNetTrainerGEMINIFinetune",

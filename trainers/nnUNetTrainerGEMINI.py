@@ -1,17 +1,28 @@
 """nnUNetTrainerGEMINI: nnU-Net training with a GEMINI pre-trained start and a semi-supervised
 GEMINI loss on unlabelled inter-subject pairs.
 
-Every iteration runs ONE network forward on cat(labelled batch, pair images a, pair images b):
-nnU-Net's loss (Dice + CE, deep supervision) on the labelled slice of the outputs, the shared
-GeminiStep on the last decoder stage's features of the a/b slices, total = supervised +
-weight * gemini under nnU-Net's own SGD + poly schedule (declared departure from the released
-two Adam steps). `self.network` stays the plain nnU-Net network (prediction loads it strictly);
-the deformer lives beside it, in the same optimiser.
+Every iteration runs ONE network forward on cat(labelled batch, pair images a, pair images b) and
+ONE backward: nnU-Net's loss (Dice + CE, deep supervision) on the labelled slice of the outputs,
+the shared GeminiStep on the last decoder stage's features of the a/b slices, total = supervised
++ w * gemini with w = nnUNet_gemini_weight x the ramp-up factor (nnUNet_gemini_rampup, a share of
+the run, per iteration).
 
-Pre-trained start, one rule: on a fresh training (plans["continue_training"] False, and not a
-checkpoint restore such as --val), a gemini_pretrain checkpoint of this dataset / plans /
-configuration is loaded in initialize() unless nnUNet_gemini_auto_pretrained=0. nnU-Net's
--pretrained_weights is loaded after initialize() and so overrides the network part.
+Two optimisers. The network keeps nnU-Net's SGD + poly (initial lr nnUNet_gemini_lr; an optional
+linear warm-up, nnUNet_gemini_warmup, scales it per iteration because the poly scheduler steps per
+epoch); w only sets how strongly GEMINI shapes the backbone. The deformer has the released
+constant Adam of its own (nnUNet_gemini_deformer_lr); it receives gradient only through
+w * gemini, so its gradients are divided by w before its step and its learning does not depend on
+the weight, the ramp-up or the poly schedule. Gradients are clipped per module. How this balance
+relates to the released two Adam steps: docs/method.md. `self.network` stays the plain nnU-Net
+network (prediction loads it strictly); the deformer lives beside it.
+
+Pre-trained start, one rule: unless load_checkpoint is restoring a trainer checkpoint (--c on a
+fold that has one, --val), initialize() loads the gemini_pretrain checkpoint of this dataset /
+plans / configuration (nnUNet_gemini_auto_pretrained=0 switches it off); `--c` on a fold without a
+checkpoint is a fresh start, as in nnU-Net. nnU-Net's -pretrained_weights is loaded after
+initialize() and so overrides the network part. The deformer is built as the checkpoint it comes
+from describes it (gemini_step.deformer_spec): the pre-training's on a fresh start, the trainer
+checkpoint's on --c.
 """
 import os
 import sys
@@ -19,17 +30,22 @@ from typing import List, Optional, Union
 
 import numpy as np
 import torch
-from torch import autocast
-
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from torch import autocast
 
 from nnunet_gemini.errors import GeminiUserError
-from nnunet_gemini.trainers.options import (apply_budget, describe, perform_final_validation, rampup_factor,
-                                          read_env_options)
+from nnunet_gemini.trainers.options import (
+    apply_budget,
+    describe,
+    is_set,
+    perform_final_validation,
+    rampup_factor,
+    read_env_options,
+    warmup_factor,
+)
 from nnunet_gemini.trainers.progress import GEMINI_TERMS, SKIPPED_KEY, GeminiLocalLogger
 
 __all__ = ["nnUNetTrainerGEMINI", "nnUNetTrainerGEMINI_NoPretrain", "nnUNetTrainerGEMINIFinetune",
@@ -39,6 +55,8 @@ __all__ = ["nnUNetTrainerGEMINI", "nnUNetTrainerGEMINI_NoPretrain", "nnUNetTrain
 # is replaced by NaN (exercises the non-finite guard without a real divergence).
 TEST_NONFINITE_ENV = "GEMINI_TEST_NONFINITE_ITERS"
 CHECKPOINT_KEY = "gemini"  # our extra entry in nnU-Net's checkpoint dict
+GRAD_CLIP = 12           # the network's max gradient norm (nnU-Net's train_step)
+DEFORMER_GRAD_CLIP = 12  # the deformer's own, on its 1/weight-rescaled gradients
 
 
 def _refuse_cascade(plans: dict, configuration: str) -> None:
@@ -77,23 +95,26 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         _refuse_cascade(plans, configuration)
-        # nnU-Net pops this in super().__init__; it is the documented signal of `--c`
-        self.continue_training = bool(plans.get("continue_training", False))
         self.gemini_options = read_env_options()  # invalid values fail before any work
+        if self.gemini_semi_supervised and not self.gemini_options.weight > 0:
+            raise GeminiUserError(
+                f"nnUNet_gemini_weight={self.gemini_options.weight:g} switches the GEMINI loss off, but "
+                f"{type(self).__name__} trains with it (its deformer learns only through it): set "
+                f"nnUNet_gemini_weight > 0 (default 1) or unset it; for supervised training only, train "
+                f"nnUNetTrainerGEMINIFinetune (pre-trained start) or nnUNetTrainer.")
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.gemini_semi_supervised:
             self.logger.local_logger = GeminiLocalLogger(self.logger.local_logger.verbose)
         self.gemini_weight = self.gemini_options.weight
-        self.gemini_rampup_epochs = self.gemini_options.rampup_epochs
-        self.gemini_deformation = self.gemini_options.deformation
+        self.gemini_rampup = self.gemini_options.rampup
         self.max_nonfinite_in_a_row = self.gemini_options.max_nonfinite
-        from nnunet_gemini.heads import DEFAULT_DEFORMER_RESOLUTION
-        # deformer options: the shared defaults, or the pre-training's when one is loaded
-        self.deformer_resolution = DEFAULT_DEFORMER_RESOLUTION
-        self.gemini_bidirectional = None  # GeminiStep's default for the deformation model
-        self.gemini_integration_steps = 7
+        from nnunet_gemini.gemini_step import deformer_spec
+        # how the deformer is built: the defaults, or the checkpoint's it is loaded from (set before initialize)
+        self.deformer_spec = deformer_spec(self.gemini_options.deformation)
+        self.gemini_step = None        # -> configure_optimizers (owns the deformer)
         self.gemini_deformer = None    # -> configure_optimizers
-        self.gemini_step = None        # -> initialize
+        self.deformer_optimizer = None  # -> configure_optimizers
+        self._poly_lr = None           # the network's lr the poly scheduler set this epoch (before warm-up)
         self.pair_loader = None        # -> on_train_start
         self.pretrained_source: Optional[str] = None  # gemini_pretrain checkpoint used, if any
         self.nonfinite_skipped_total = 0
@@ -114,21 +135,26 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
                                           num_output_channels, enable_deep_supervision)
 
     def configure_optimizers(self):
-        # nnU-Net calls this right after building the network: the deformer is built here so it
-        # joins the same SGD + poly schedule (its momentum state then lives in optimizer_state).
-        params = list(self.network.parameters())
+        # nnU-Net calls this right after building the network: the network keeps nnU-Net's SGD + poly
+        # (from self.initial_lr); the deformer, built here as self.deformer_spec says, gets the
+        # released constant Adam of its own, so neither the weight nor the poly decay slows it.
+        optimizer, lr_scheduler = super().configure_optimizers()
         if self.gemini_semi_supervised:
-            from nnunet_gemini.heads import build_deformer
-            if self.gemini_deformer is None:
-                self.gemini_deformer = build_deformer(self.network, resolution=self.deformer_resolution
-                                                      ).to(self.device)
-            params += list(self.gemini_deformer.parameters())
-        optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay,
-                                    momentum=0.99, nesterov=True)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+            from nnunet_gemini.gemini_step import step_from_spec
+            self.gemini_step = step_from_spec(self.network, self.deformer_spec).to(self.device)
+            self.gemini_deformer = self.gemini_step.deformer
+            self.deformer_optimizer = torch.optim.Adam(self.gemini_deformer.parameters(),
+                                                       lr=self.gemini_options.deformer_lr)
+        return optimizer, lr_scheduler
+
+    @property
+    def total_iterations(self) -> int:
+        """Training iterations of the whole run: what the ramp-up and warm-up shares refer to."""
+        return self.num_epochs * self.num_iterations_per_epoch
 
     def initialize(self):
         apply_budget(self, self.gemini_options)
+        self.initial_lr = self.gemini_options.lr  # nnU-Net's SGD + poly start from it (configure_optimizers)
         if self.is_ddp:
             import torch.distributed as dist
             refuse_uneven_ddp_batch(self.configuration_manager.batch_size, dist.get_world_size(),
@@ -146,8 +172,8 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
                                f"val iterations/epoch {self.num_val_iterations_per_epoch}, "
                                f"labelled batch {self.batch_size}, unlabelled pairs/iteration "
                                f"{self.unlabeled_batch if self.gemini_semi_supervised else 0} "
-                               f"({'GEMINI loss on' if self.gemini_semi_supervised else 'supervised only'}, "
-                               f"deformation {self.gemini_deformation})", add_timestamp=False)
+                               f"({'GEMINI loss on' if self.gemini_semi_supervised else 'supervised only'})\n"
+                               f"{self._describe_schedule()}", add_timestamp=False)
         if self.is_ddp and self.gemini_semi_supervised:  # pairs are split over ranks like nnU-Net's batch
             import torch.distributed as dist
             world, rank = dist.get_world_size(), dist.get_rank()
@@ -165,13 +191,23 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
             for tensor in self.gemini_deformer.state_dict().values():
                 dist.broadcast(tensor, src=0)
         if self.gemini_semi_supervised:
-            from nnunet_gemini.gemini_step import GeminiStep
             from nnunet_gemini.network import DecoderFeatureTap
-            self.gemini_step = GeminiStep(self.gemini_deformer, deformation=self.gemini_deformation,
-                                          integration_steps=self.gemini_integration_steps,
-                                          bidirectional=self.gemini_bidirectional)
             self._feature_tap = DecoderFeatureTap(self.network)
         self._network_fingerprint = _state_fingerprint(self._plain_network())
+
+    def _describe_schedule(self) -> str:
+        """The options block's derived lines: both optimisers and the shares in iterations."""
+        o, total = self.gemini_options, self.total_iterations
+        text = (f"  -> network: SGD + poly from lr {self.initial_lr:g}, linear warm-up over "
+                f"{round(o.warmup * total)} of {total} iterations")
+        if self.gemini_semi_supervised:
+            spec = self.gemini_step.spec()
+            text += (f"\n  -> deformer: Adam lr {o.deformer_lr:g} (constant, gradients / effective weight), "
+                     f"{spec['deformation']}, {spec['resolution']} resolution, "
+                     f"{'both directions' if spec['bidirectional'] else 'one direction'}, "
+                     f"{spec['integration_steps']} integration steps\n"
+                     f"  -> GEMINI weight {self.gemini_weight:g}, ramp-up over {round(o.rampup * total)} iterations")
+        return text
 
     def _plain_network(self) -> torch.nn.Module:
         from nnunet_gemini.network import unwrap_network
@@ -179,12 +215,11 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
 
     def _find_pretrained(self):
         """(path, checkpoint) of the gemini_pretrain checkpoint to start from, or None (logged why).
-        Sets the deformer options to the checkpoint's unless nnUNet_gemini_deformation is set."""
+        Sets the deformer spec to the checkpoint's (nnUNet_gemini_deformation, when set, wins).
+        The only signal of a resume is load_checkpoint: `--c` on a fold without a checkpoint is a
+        fresh start in nnU-Net (it never calls load_checkpoint), so it loads the pre-training too."""
         if self._restoring_checkpoint:
             return None  # --c / --val: the weights come from our own trainer checkpoint
-        if self.continue_training:
-            self.print_to_log_file("Continuing a training (--c): no automatic pre-trained load.")
-            return None
         if not self.auto_pretrained_allowed:
             self.print_to_log_file(f"{type(self).__name__}: automatic pre-trained load is off for this variant; "
                                    "network and deformer start from random initialisation.")
@@ -212,18 +247,16 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
                                    f"from random initialisation.")
             return None
         ckpt = pretrained.load_pretrained_checkpoint(path)
-        meta = ckpt.get("meta", {})
-        deformer_meta = meta.get("deformer") or {}
-        self.deformer_resolution = deformer_meta.get("resolution", self.deformer_resolution)
-        self.gemini_bidirectional = deformer_meta.get("bidirectional", self.gemini_bidirectional)
-        self.gemini_integration_steps = deformer_meta.get("integration_steps", self.gemini_integration_steps)
-        trained_with = meta.get("deformation")
-        if trained_with and not os.environ.get("nnUNet_gemini_deformation", "").strip():
-            self.gemini_deformation = trained_with
-        elif trained_with and trained_with != self.gemini_deformation:
-            self.print_to_log_file(f"WARNING: {path} was pre-trained with deformation {trained_with!r}, this run uses "
-                                   f"{self.gemini_deformation!r} (nnUNet_gemini_deformation): the deformer's output "
+        from nnunet_gemini.gemini_step import spec_from_checkpoint
+        spec = spec_from_checkpoint(ckpt.get("meta", {}), where=f"the gemini_pretrain checkpoint {path}")
+        chosen = self.gemini_options.deformation
+        if is_set("deformation") and chosen != spec["deformation"]:
+            self.print_to_log_file(f"WARNING: {path} was pre-trained with deformation {spec['deformation']!r}, this "
+                                   f"run uses {chosen!r} (nnUNet_gemini_deformation): the deformer's output "
                                    f"changes meaning.")
+            # same weights either way; a displacement needs both directions (no closed-form inverse)
+            spec = dict(spec, deformation=chosen, bidirectional=spec["bidirectional"] or chosen == "displacement")
+        self.deformer_spec = spec
         return path, ckpt
 
     def _apply_pretrained(self, path: str, ckpt: dict) -> None:
@@ -257,15 +290,15 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
 
     def _check_room_for_a_checkpoint(self) -> None:
         """Fail before the first epoch, not at the first save hours later: the fold folder must be
-        writable with room for one checkpoint (weights + SGD momentum of network and deformer,
-        twice: the previous file stays until the new one is renamed over it)."""
+        writable with room for one checkpoint (network weights + SGD momentum, deformer weights + two
+        Adam moments; twice: the previous file stays until the new one is renamed over it)."""
         if self.local_rank != 0 or self.disable_checkpointing:
             return
         from nnunet_gemini.checkpoints import check_free_disk_and_writable, state_dict_nbytes
-        weights = state_dict_nbytes(self._plain_network().state_dict())
+        needed = 4 * state_dict_nbytes(self._plain_network().state_dict())
         if self.gemini_deformer is not None:
-            weights += state_dict_nbytes(self.gemini_deformer.state_dict())
-        check_free_disk_and_writable(self.output_folder, 4 * weights + 2 ** 20,
+            needed += 6 * state_dict_nbytes(self.gemini_deformer.state_dict())
+        check_free_disk_and_writable(self.output_folder, needed + 2 ** 20,
                                      remedy="export nnUNet_results to another folder")
 
     def _log_weights_in_use(self) -> None:
@@ -337,8 +370,11 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
 
     # ------------------------------------------------------------------ training
     def train_step(self, batch: dict) -> dict:
+        self._apply_warmup()
         if not self.gemini_semi_supervised:
-            return super().train_step(batch)
+            result = super().train_step(batch)
+            self.global_iteration += 1
+            return result
         data = batch['data'].to(self.device, non_blocking=True)
         target = batch['target']
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
@@ -349,6 +385,8 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         n, p = data.shape[0], img_a.shape[0]
 
         self.optimizer.zero_grad(set_to_none=True)
+        self.deformer_optimizer.zero_grad(set_to_none=True)
+        weight = self.current_gemini_weight()
         try:
             with autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
                 output = self.network(torch.cat((data, img_a, img_b)))
@@ -356,7 +394,7 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
                 labelled = [o[:n] for o in output] if isinstance(output, (list, tuple)) else output[:n]
                 supervised = self.loss(labelled, target)
                 gemini, logs = self.gemini_step(img_a, img_b, features[n:n + p], features[n + p:n + 2 * p])
-                total = supervised + self.current_gemini_weight() * gemini
+                total = supervised + weight * gemini
             if str(self.global_iteration) in os.environ.get(TEST_NONFINITE_ENV, "").split(","):
                 total = total * float("nan")
             finite = torch.isfinite(total.detach()).float()
@@ -365,7 +403,7 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             finite = bool(finite)
             if finite:
-                self._backward_and_step(total)
+                self._backward_and_step(total, weight)
         except torch.OutOfMemoryError as e:
             raise torch.OutOfMemoryError(
                 f"out of memory in a GEMINI training step ({n} labelled + 2 x {p} unlabelled patches of "
@@ -382,8 +420,17 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         return result
 
     def current_gemini_weight(self) -> float:
-        """nnUNet_gemini_weight, ramped up over the first nnUNet_gemini_rampup_epochs epochs."""
-        return self.gemini_weight * rampup_factor(self.current_epoch, self.gemini_rampup_epochs)
+        """nnUNet_gemini_weight, ramped up per iteration over the first nnUNet_gemini_rampup of the run."""
+        return self.gemini_weight * rampup_factor(self.global_iteration, self.gemini_rampup, self.total_iterations)
+
+    def _apply_warmup(self) -> None:
+        """nnU-Net's poly scheduler sets the network's lr once per epoch (on_train_epoch_start); the
+        warm-up (nnUNet_gemini_warmup) scales that value per iteration, before this iteration's step."""
+        if self._poly_lr is None:  # a train_step outside run_training's epoch loop
+            self._poly_lr = self.optimizer.param_groups[0]['lr']
+        lr = self._poly_lr * warmup_factor(self.global_iteration, self.gemini_options.warmup, self.total_iterations)
+        for group in self.optimizer.param_groups:
+            group['lr'] = lr
 
     def _average_deformer_gradients(self) -> None:
         """DDP averages the network's gradients; the deformer's are averaged here. A DDP wrap of
@@ -397,22 +444,30 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
             dist.all_reduce(q.grad)
             q.grad.div_(world)
 
-    def _backward_and_step(self, total: torch.Tensor) -> None:
-        params = [q for group in self.optimizer.param_groups for q in group['params']]
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(total).backward()
-            if self.is_ddp:
-                self._average_deformer_gradients()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(params, 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
+    def _backward_and_step(self, total: torch.Tensor, weight: float) -> None:
+        """One backward, then a step of each optimiser. With the grad scaler, torch's rule for
+        several optimisers: unscale_ each once, step each, update once."""
+        scaler = self.grad_scaler
+        (scaler.scale(total) if scaler is not None else total).backward()
+        if self.is_ddp:
+            self._average_deformer_gradients()
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+            scaler.unscale_(self.deformer_optimizer)
+        # the deformer's gradient is weight * d gemini / d deformer (it is in no other term): without the
+        # weight its Adam steps do not depend on nnUNet_gemini_weight or the ramp-up (weight > 0 always)
+        for q in self.gemini_deformer.parameters():
+            if q.grad is not None:
+                q.grad.div_(weight)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), GRAD_CLIP)
+        torch.nn.utils.clip_grad_norm_(self.gemini_deformer.parameters(), DEFORMER_GRAD_CLIP)
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.step(self.deformer_optimizer)
+            scaler.update()
         else:
-            total.backward()
-            if self.is_ddp:
-                self._average_deformer_gradients()
-            torch.nn.utils.clip_grad_norm_(params, 12)
             self.optimizer.step()
+            self.deformer_optimizer.step()
 
     def _count_nonfinite(self, supervised: float, gemini: float) -> None:
         self.nonfinite_skipped_total += 1
@@ -431,9 +486,15 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
     def on_train_epoch_start(self):
         self._epoch_skipped = 0
         super().on_train_epoch_start()
+        self._poly_lr = self.optimizer.param_groups[0]['lr']  # this epoch's poly value, before the warm-up
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
+        lr, poly = self.optimizer.param_groups[0]['lr'], self._poly_lr
+        deformer = f", deformer Adam {self.deformer_optimizer.param_groups[0]['lr']:.4g}" \
+            if self.deformer_optimizer is not None else ""
+        self.print_to_log_file(f"learning rate in use at the last iteration: network {lr:.4g}"
+                               + (f" (poly {poly:.4g} x warm-up {lr / poly:.3g})" if poly else "") + deformer)
         if not self.gemini_semi_supervised:
             return
         means = {k: np.array([o[k] for o in train_outputs], dtype=np.float64) for k in GEMINI_TERMS}
@@ -459,14 +520,15 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint (network_weights stays the plain network, so nnUNetv2_predict works
-        unchanged) plus our entry: deformer weights and counters. The deformer's SGD state is in
-        optimizer_state already. Written atomically."""
+        unchanged; optimizer_state is the network's SGD) plus our entry: the deformer's weights, its
+        Adam state and spec, and counters. Written atomically."""
         if self.local_rank != 0:
             return
         if self.disable_checkpointing:
             self.print_to_log_file('No checkpoint written, checkpointing is disabled')
             return
         from nnunet_gemini.checkpoints import atomic_torch_save
+        from nnunet_gemini.gemini_step import spec_to_checkpoint
         checkpoint = {
             'network_weights': self._plain_network().state_dict(),
             'optimizer_state': self.optimizer.state_dict(),
@@ -480,12 +542,10 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
             CHECKPOINT_KEY: {
                 'deformer_weights': self.gemini_deformer.state_dict() if self.gemini_deformer is not None
                 else None,
-                # how to rebuild the deformer (gemini_register reads these; same keys as the pre-training meta)
-                'deformation': self.gemini_deformation,
-                'deformer': {'resolution': self.deformer_resolution,
-                             'bidirectional': self.gemini_step.bidirectional if self.gemini_step is not None
-                             else self.gemini_bidirectional,
-                             'integration_steps': self.gemini_integration_steps},
+                'deformer_optimizer_state': self.deformer_optimizer.state_dict()
+                if self.deformer_optimizer is not None else None,
+                # how to rebuild the deformer ('deformation', 'deformer': the pre-training meta's layout)
+                **(spec_to_checkpoint(self.gemini_step.spec()) if self.gemini_step is not None else {}),
                 'pretrained_source': self.pretrained_source,
                 'global_iteration': self.global_iteration,
                 'nonfinite_skipped_total': self.nonfinite_skipped_total,
@@ -495,20 +555,28 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         atomic_torch_save(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
-        if not self.was_initialized:
-            self._restoring_checkpoint = True  # initialize() must not auto-load pre-trained weights
-            self.initialize()
         if isinstance(filename_or_checkpoint, str):
             from nnunet_gemini.checkpoints import load_nnunet_trainer_checkpoint
             checkpoint = load_nnunet_trainer_checkpoint(filename_or_checkpoint)
             source = filename_or_checkpoint
         else:
             checkpoint, source = filename_or_checkpoint, "the given checkpoint dict"
-        ours = checkpoint.get(CHECKPOINT_KEY)
-        if self.gemini_semi_supervised and (ours is None or ours.get('deformer_weights') is None):
-            raise GeminiUserError(f"{source} holds no GEMINI deformer state (written by "
-                                  f"{checkpoint.get('trainer_name')!r}): continue it with that trainer, or start a "
-                                  f"fresh {type(self).__name__} training (without --c).")
+        ours = checkpoint.get(CHECKPOINT_KEY) or {}
+        if self.gemini_semi_supervised:
+            if ours.get('deformer_weights') is None:
+                raise GeminiUserError(f"{source} holds no GEMINI deformer state (written by "
+                                      f"{checkpoint.get('trainer_name')!r}): continue it with that trainer, or start "
+                                      f"a fresh {type(self).__name__} training (without --c).")
+            spec = self._checkpointed_spec(ours, source)
+        if not self.was_initialized:
+            if self.gemini_semi_supervised:
+                self.deformer_spec = spec  # read before initialize() builds the deformer: rebuilt as checkpointed
+            self._restoring_checkpoint = True  # initialize() must not auto-load pre-trained weights
+            self.initialize()
+        elif self.gemini_semi_supervised and self.gemini_step.spec() != spec:
+            raise GeminiUserError(f"{source} holds a deformer built as {spec}, but this trainer built its deformer "
+                                  f"as {self.gemini_step.spec()} before the checkpoint was given: load it into a "
+                                  f"trainer that is not initialised yet (as nnUNetv2_train --c / --val do).")
         network_state = {(k[7:] if k.startswith('module.') else k): v
                          for k, v in checkpoint['network_weights'].items()}
         self._plain_network().load_state_dict(network_state)
@@ -520,15 +588,44 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         self._best_ema = checkpoint['_best_ema']
         self.inference_allowed_mirroring_axes = checkpoint.get('inference_allowed_mirroring_axes',
                                                                self.inference_allowed_mirroring_axes)
-        self.optimizer.load_state_dict(checkpoint['optimizer_state'])
+        self._load_optimizer_states(checkpoint['optimizer_state'], ours.get('deformer_optimizer_state'), source)
         if self.grad_scaler is not None and checkpoint['grad_scaler_state'] is not None:
             self.grad_scaler.load_state_dict(checkpoint['grad_scaler_state'])
-        if ours is not None:
-            self.pretrained_source = ours.get('pretrained_source')
-            self.global_iteration = int(ours.get('global_iteration', 0))
-            self.nonfinite_skipped_total = int(ours.get('nonfinite_skipped_total', 0))
-            self.nonfinite_in_a_row = int(ours.get('nonfinite_in_a_row', 0))
+        self.pretrained_source = ours.get('pretrained_source')
+        # nnUNetTrainerGEMINIFinetune counts iterations only since this version: whole epochs before
+        self.global_iteration = int(ours.get('global_iteration') or self.current_epoch * self.num_iterations_per_epoch)
+        self.nonfinite_skipped_total = int(ours.get('nonfinite_skipped_total', 0))
+        self.nonfinite_in_a_row = int(ours.get('nonfinite_in_a_row', 0))
         self._network_fingerprint = _state_fingerprint(self._plain_network())
+
+    def _checkpointed_spec(self, ours: dict, source: str) -> dict:
+        """The deformer spec a trainer checkpoint records; nnUNet_gemini_deformation may not contradict it."""
+        from nnunet_gemini.gemini_step import spec_from_checkpoint
+        spec = spec_from_checkpoint(ours, where=source)
+        if is_set("deformation") and self.gemini_options.deformation != spec["deformation"]:
+            raise GeminiUserError(
+                f"{source} was trained with deformation {spec['deformation']!r}, but nnUNet_gemini_deformation="
+                f"{self.gemini_options.deformation} asks for another: --c / --val rebuild the deformer as "
+                f"checkpointed, so unset nnUNet_gemini_deformation (or set it to {spec['deformation']}), or start a "
+                f"new training without --c.")
+        return spec
+
+    def _load_optimizer_states(self, network_state: dict, deformer_state: Optional[dict], source: str) -> None:
+        """The network's SGD state and the deformer's Adam state. A checkpoint written before the
+        deformer had an optimiser of its own holds one SGD state over network + deformer (network
+        parameters first) and no Adam state: its network part is restored, the Adam starts fresh."""
+        from nnunet_gemini.checkpoints import optimizer_state_params, optimizer_state_prefix
+        num_network = len(list(self._plain_network().parameters()))
+        if self.gemini_semi_supervised and deformer_state is None and \
+                optimizer_state_params(network_state) > num_network:
+            network_state = optimizer_state_prefix(network_state, num_network)
+            self.print_to_log_file(f"{source} was written before the deformer had an optimiser of its own: restored "
+                                   f"the network's SGD state from it; the deformer's Adam starts fresh.")
+        self.optimizer.load_state_dict(network_state)
+        if self.gemini_semi_supervised and deformer_state is not None:
+            self.deformer_optimizer.load_state_dict(deformer_state)
+            for group in self.deformer_optimizer.param_groups:
+                group['lr'] = self.gemini_options.deformer_lr  # constant: this run's nnUNet_gemini_deformer_lr wins
 
 
 class nnUNetTrainerGEMINI_NoPretrain(nnUNetTrainerGEMINI):

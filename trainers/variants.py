@@ -1,13 +1,17 @@
 """Trainer variants in nnU-Net's naming style: each only sets attributes."""
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_gemini.trainers.nnUNetTrainerGEMINI import (nnUNetTrainerGEMINI, nnUNetTrainerGEMINI_NoPretrain,
-                                                        nnUNetTrainerGEMINIFinetune)
+from nnunet_gemini.trainers.nnUNetTrainerGEMINI import (
+    nnUNetTrainerGEMINI,
+    nnUNetTrainerGEMINI_NoPretrain,
+    nnUNetTrainerGEMINIFinetune,
+)
 from nnunet_gemini.trainers.options import apply_budget, describe, perform_final_validation, read_env_options
 
 
 class nnUNetTrainerEnvBudget(nnUNetTrainer):
-    """Plain supervised nnUNetTrainer honouring the nnUNet_gemini_* budget variables: the baseline for demo/benchmark."""
+    """Plain supervised nnUNetTrainer honouring the nnUNet_gemini_* budget variables (not the GEMINI
+    schedule options): the baseline for demo/benchmark."""
 
     def initialize(self):
         options = read_env_options()
