@@ -4,7 +4,7 @@
 # trainer (nnU-Net compiles the network by default on CUDA). Figures and logs land in $OUT.
 #
 #   benchmarks/gpu_study.sh                   # on a CUDA machine (carries .whl/, see gpu_check.sh)
-#   DEV=cpu SKIP_INSTALL=1 JOBS=2 N="1" DRAWS=1 STUDY="--budget quick --train_epochs 1 --train_iters 2 \
+#   DEV=cpu SKIP_INSTALL=1 JOBS=2 N="1" DRAWS=1 STUDY="--budget short --train_epochs 1 --train_iters 2 \
 #       --pretrain_epochs 1 --pretrain_iters 2" COMPILE_ITERS=2 benchmarks/gpu_study.sh   # dry run here
 #   ABLATION="--gemini_rampup 0.33" benchmarks/gpu_study.sh   # then the same study with a ramp-up, same -o
 #   ABLATION="--gemini_rampup 0.33; --gemini_pair_positions independent" ...  # several ablation calls

@@ -35,11 +35,12 @@ from nnunet_gemini.errors import GeminiUserError, run_cli
 from nnunet_gemini.workflow import StageRunner, default_device, nnunet_folders, project_revision, score_predictions
 
 # Iteration counts per budget (epochs x iterations per epoch; val = validation iterations per epoch).
-# quick fits the default matrix (3 N x 3 draws x 4 methods + the two pre-trainings) in about two hours
-# on an idle 2-core CPU (the per-iteration costs behind that: docs/design.md). Such short trainings
-# measure the head start a method gives, not where it converges: use standard/paper (or a GPU) for that.
+# short (named quick before; gemini_demo has a quick budget of its own) fits the default matrix
+# (3 N x 3 draws x 4 methods + the two pre-trainings) in about two hours on an idle 2-core CPU (the
+# per-iteration costs behind that: docs/design.md). Such short trainings measure the head start a
+# method gives, not where it converges: use standard/paper (or a GPU) for that.
 BUDGETS = {
-    "quick": dict(pretrain_epochs=4, pretrain_iters=25, train_epochs=2, train_iters=10, val_iters=1, tta=False),
+    "short": dict(pretrain_epochs=4, pretrain_iters=25, train_epochs=2, train_iters=10, val_iters=1, tta=False),
     "standard": dict(pretrain_epochs=50, pretrain_iters=100, train_epochs=50, train_iters=100, val_iters=10,
                      tta=True),
     "paper": dict(pretrain_epochs=800, pretrain_iters=250, train_epochs=1000, train_iters=250, val_iters=50,
@@ -664,7 +665,7 @@ def _main(argv=None) -> int:
     p.add_argument("--n", type=int, nargs="+", default=[1, 2, 5], help="numbers of labelled training cases")
     p.add_argument("--draws", type=int, default=3, help="random draws of the N cases")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to compare")
-    p.add_argument("--budget", choices=list(BUDGETS), default="quick", help=f"iteration budget ({_budget_help()})")
+    p.add_argument("--budget", choices=list(BUDGETS), default="short", help=f"iteration budget ({_budget_help()})")
     for key in ("train_epochs", "train_iters", "val_iters", "pretrain_epochs", "pretrain_iters"):
         p.add_argument(f"--{key}", type=int, default=None, help=f"override the budget's {key.replace('_', ' ')}")
     p.add_argument("--gemini_weight", type=float, default=None, metavar="W",

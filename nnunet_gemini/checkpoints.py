@@ -15,7 +15,6 @@ from nnunet_gemini.errors import GeminiUserError
 
 # Kinds of files we write; load_our_checkpoint checks the "gemini_kind" entry against them.
 KIND_PRETRAIN = "gemini_pretrain"
-KIND_HEADS = "gemini_heads"
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:

@@ -105,10 +105,9 @@ def _train_cases(raw_folder: str, dataset_json: dict, num_channels: int) -> Dict
 
 
 def discover_pool(dataset_name: str, unlabeled_dirs: Sequence[str] = (),
-                  include_test_images: bool = False, strict: bool = False) -> List[PoolCase]:
-    """All unlabelled-pool cases with unique ids (an id seen earlier gets '<source>__' prefixed).
-    `strict` is accepted for a uniform signature: naming problems are always errors."""
-    del strict
+                  include_test_images: bool = False) -> List[PoolCase]:
+    """All unlabelled-pool cases with unique ids (an id seen earlier gets '<source>__' prefixed);
+    naming problems are always errors."""
     raw_folder = datasets.raw_dataset_folder(dataset_name)
     dataset_json = datasets.load_json(os.path.join(raw_folder, "dataset.json"))
     file_ending, num_channels = dataset_json["file_ending"], _num_channels(dataset_json)

@@ -80,8 +80,8 @@ def test_other_torch_files_are_not_our_checkpoint(tmp_path):
     torch.save({"w": torch.zeros(2)}, path)
     with pytest.raises(GeminiUserError, match="not an nnunet-gemini 'gemini_pretrain' checkpoint"):
         ck.load_our_checkpoint(path, ck.KIND_PRETRAIN)
-    ck.atomic_torch_save({**_ours(1.0), "gemini_kind": ck.KIND_HEADS}, path)
-    with pytest.raises(GeminiUserError, match="found kind 'gemini_heads'"):
+    ck.atomic_torch_save({**_ours(1.0), "gemini_kind": "another_kind"}, path)
+    with pytest.raises(GeminiUserError, match="found kind 'another_kind'"):
         ck.load_our_checkpoint(path, ck.KIND_PRETRAIN)
     with pytest.raises(GeminiUserError, match="does not exist"):
         ck.load_our_checkpoint(str(tmp_path / "missing.pth"), ck.KIND_PRETRAIN)
