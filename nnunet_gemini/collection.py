@@ -95,10 +95,10 @@ def _folders_form(root: str, dataset_json: Optional[dict], channel_name: str):
 
 
 def _nnunet_form(root: str, dataset_json: dict):
-    from nnunet_gemini.datasets import list_labelled_cases
-    from nnunet_gemini.unlabeled import _num_channels, _scan_folder
+    from nnunet_gemini.datasets import list_labelled_cases, scan_case_folder
+    from nnunet_gemini.unlabeled import _num_channels
     ending = dataset_json["file_ending"]
-    scanned = _scan_folder(os.path.join(root, "imagesTr"), ending, _num_channels(dataset_json))
+    scanned = scan_case_folder(os.path.join(root, "imagesTr"), ending, _num_channels(dataset_json))
     labelled = set(list_labelled_cases(root))
     missing = sorted(set(scanned) - labelled)
     if missing:

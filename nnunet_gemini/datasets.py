@@ -7,13 +7,12 @@ Nothing heavy is imported here: the plans are read as plain JSON.
 import json
 import os
 import re
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from nnunet_gemini.errors import GeminiUserError
 
 ENV_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 SETUP_DOC = "see nnU-Net's documentation/set_environment_variables.md"
-_CHANNEL_SUFFIX = re.compile(r"_\d{4}$")
 
 
 def require_env_folder(var: str, must_exist: bool = True) -> str:
@@ -147,12 +146,52 @@ def require_planned(dataset_name: str, plans: str = "nnUNetPlans",
     return plans_file
 
 
+def scan_case_folder(folder: str, file_ending: str, num_channels: int, strict: bool = True) -> Dict[str, List[str]]:
+    """case id -> channel files (channel order) of an nnU-Net image folder (CASE_XXXX<file_ending>).
+    strict: every file must be a channel file of a complete case (GeminiUserError naming the file
+    and the fix); not strict: other files are ignored and the cases found are listed as they are."""
+    expected = f"CASE_XXXX{file_ending} with XXXX = 0000..{num_channels - 1:04d}"
+    channel_re = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending))
+    by_case: Dict[str, Dict[int, str]] = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith(".") or not os.path.isfile(path):
+            continue  # hidden files (.DS_Store) and sub-folders are not images
+        if not name.endswith(file_ending):
+            if not strict:
+                continue
+            raise GeminiUserError(f"{path} has the wrong file ending: dataset.json says "
+                                  f"'{file_ending}', so name it {expected} (or move it out).")
+        m = channel_re.fullmatch(name)
+        if m is None or (not strict and int(m.group(2)) >= num_channels):
+            if not strict:
+                continue
+            raise GeminiUserError(f"{path} has no channel suffix: name it {expected}.")
+        channel = int(m.group(2))
+        if channel >= num_channels:
+            raise GeminiUserError(f"{path} has channel suffix _{m.group(2)} but dataset.json "
+                                  f"defines {num_channels} channel(s): name it {expected}.")
+        by_case.setdefault(m.group(1), {})[channel] = path
+    if not strict:
+        return {case: [channels[c] for c in sorted(channels)] for case, channels in sorted(by_case.items())}
+    result = {}
+    for case, channels in by_case.items():
+        missing = [c for c in range(num_channels) if c not in channels]
+        if missing:
+            missing_names = ", ".join(f"{case}_{c:04d}{file_ending}" for c in missing)
+            raise GeminiUserError(f"case '{case}' in {folder} misses channel file(s) "
+                                  f"{missing_names}: every case needs {expected}.")
+        # the per-case matcher nnU-Net uses for imagesTr (validated above, so it finds them all)
+        from nnunetv2.utilities.utils import create_paths_fn
+        result[case] = create_paths_fn(folder, sorted(os.listdir(folder)), file_ending, case)
+    return result
+
+
 def _case_ids(folder: str, file_ending: str) -> List[str]:
     """Sorted case ids of the CASE_XXXX<file_ending> images in `folder` ([] if no folder)."""
     if not os.path.isdir(folder):
         return []
-    stems = (f[:-len(file_ending)] for f in os.listdir(folder) if f.endswith(file_ending))
-    return sorted({_CHANNEL_SUFFIX.sub("", s) for s in stems if _CHANNEL_SUFFIX.search(s)})
+    return sorted(scan_case_folder(folder, file_ending, num_channels=10 ** 4, strict=False))
 
 
 def list_labelled_cases(raw_folder: str) -> List[str]:

@@ -442,16 +442,10 @@ def write_result(result: RegistrationResult, out_dir: str, file_ending: str, inf
 
 def folder_cases(folder: str, file_ending: str, num_channels: int) -> Dict[str, List[str]]:
     """{case id: [channel files]} of an nnU-Net image folder (CASE_XXXX<ending>)."""
+    from nnunet_gemini.datasets import scan_case_folder
     if not os.path.isdir(folder):
         raise GeminiUserError(f"--pairs_from_folder {folder} is not a folder")
-    cases: Dict[str, List[str]] = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(file_ending) and len(name) > len(file_ending) + 5 and name[-len(file_ending) - 5] == "_":
-            cases.setdefault(name[:-len(file_ending) - 5], []).append(os.path.join(folder, name))
-    bad = {c: len(f) for c, f in cases.items() if len(f) != num_channels}
-    if bad:
-        raise GeminiUserError(f"--pairs_from_folder {folder}: cases {bad} do not have {num_channels} channel "
-                              f"file(s) CASE_XXXX{file_ending}; fix the folder")
+    cases = scan_case_folder(folder, file_ending, num_channels)  # the naming rules (and errors) of imagesTr
     if len(cases) < 2:
         raise GeminiUserError(f"--pairs_from_folder {folder} holds {len(cases)} case(s) named "
                               f"CASE_XXXX{file_ending}; need at least 2 to form pairs")

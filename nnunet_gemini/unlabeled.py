@@ -20,7 +20,6 @@ import gzip
 import json
 import multiprocessing
 import os
-import re
 import zlib
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -61,46 +60,13 @@ def _num_channels(dataset_json: dict) -> int:
     return len(names)
 
 
-def _scan_folder(folder: str, file_ending: str, num_channels: int) -> Dict[str, List[str]]:
-    """case id -> channel files of a CASE_XXXX<file_ending> folder, validated (GeminiUserError)."""
-    expected = f"CASE_XXXX{file_ending} with XXXX = 0000..{num_channels - 1:04d}"
-    channel_re = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending))
-    by_case: Dict[str, Dict[int, str]] = {}
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if name.startswith(".") or not os.path.isfile(path):
-            continue  # hidden files (.DS_Store) and sub-folders are not images
-        if not name.endswith(file_ending):
-            raise GeminiUserError(f"{path} has the wrong file ending: dataset.json says "
-                                  f"'{file_ending}', so name it {expected} (or move it out).")
-        m = channel_re.fullmatch(name)
-        if m is None:
-            raise GeminiUserError(f"{path} has no channel suffix: name it {expected}.")
-        channel = int(m.group(2))
-        if channel >= num_channels:
-            raise GeminiUserError(f"{path} has channel suffix _{m.group(2)} but dataset.json "
-                                  f"defines {num_channels} channel(s): name it {expected}.")
-        by_case.setdefault(m.group(1), {})[channel] = path
-    result = {}
-    for case, channels in by_case.items():
-        missing = [c for c in range(num_channels) if c not in channels]
-        if missing:
-            missing_names = ", ".join(f"{case}_{c:04d}{file_ending}" for c in missing)
-            raise GeminiUserError(f"case '{case}' in {folder} misses channel file(s) "
-                                  f"{missing_names}: every case needs {expected}.")
-        # the per-case matcher nnU-Net uses for imagesTr (validated above, so it finds them all)
-        from nnunetv2.utilities.utils import create_paths_fn
-        result[case] = create_paths_fn(folder, sorted(os.listdir(folder)), file_ending, case)
-    return result
-
-
 def _train_cases(raw_folder: str, dataset_json: dict, num_channels: int) -> Dict[str, List[str]]:
     if "dataset" in dataset_json:  # nnU-Net's explicit file-list variant of dataset.json
         from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
         entries = get_filenames_of_train_images_and_targets(raw_folder, dataset_json)
         return {k: list(v["images"]) for k, v in entries.items()}
     folder = os.path.join(raw_folder, "imagesTr")
-    return _scan_folder(folder, dataset_json["file_ending"], num_channels) \
+    return datasets.scan_case_folder(folder, dataset_json["file_ending"], num_channels) \
         if os.path.isdir(folder) else {}
 
 
@@ -117,13 +83,13 @@ def discover_pool(dataset_name: str, unlabeled_dirs: Sequence[str] = (),
     for name in (SOURCE_UNLABELED,) + ((SOURCE_TEST,) if include_test_images else ()):
         folder = os.path.join(raw_folder, name)
         if os.path.isdir(folder):
-            sources.append((name, _SOURCE_PREFIX[name], _scan_folder(folder, file_ending, num_channels)))
+            sources.append((name, _SOURCE_PREFIX[name], datasets.scan_case_folder(folder, file_ending, num_channels)))
     for i, d in enumerate(unlabeled_dirs):
         d = os.path.abspath(d)
         if not os.path.isdir(d):
             raise GeminiUserError(f"--unlabeled_dir {d} is not a folder: pass an existing folder "
                                   f"of CASE_XXXX{file_ending} images.")
-        sources.append((f"unlabeled_dir:{d}", f"dir{i}", _scan_folder(d, file_ending, num_channels)))
+        sources.append((f"unlabeled_dir:{d}", f"dir{i}", datasets.scan_case_folder(d, file_ending, num_channels)))
 
     cases: List[PoolCase] = []
     taken = set()
