@@ -63,7 +63,6 @@ def bench_ours(cfg: dict) -> dict:
                                          output_dir=tempfile.mkdtemp(), restoration_mode=cfg["mode"],
                                          compile=cfg.get("compile", False)))
     t.use_amp = t.use_amp and cfg.get("amp", True)
-    t.nonfinite_at = (None, False)
     t.build()
     t.damage_generator = torch.Generator(device=t.device).manual_seed(0)
     loader = t.build_loader(seed=0)

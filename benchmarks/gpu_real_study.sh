@@ -5,12 +5,12 @@
 # Only the working tree travels to the device machine: copy the collection into the git-ignored .collection/
 # first and carry it with the wheels (the results.json of an earlier call can be carried too, see RESUME):
 #
-#   mkdir -p .collection && cp -r ../shared/data/hippocampus_dev .collection/
+#   mkdir -p .collection && cp -r /path/to/hippocampus_dev .collection/   # images/ + labels/ of the collection
 #   run: benchmarks/gpu_real_study.sh   carry: [".whl", ".collection"]   timeout_s: 600
 #   DEV=cpu SKIP_INSTALL=1 JOBS=1 N=1 DRAWS=1 SIZES="--test_cases 3 --pool_cases 4 --selection_cases 2" \
 #     BUDGET="--budget short --train_epochs 1 --train_iters 2 --val_iters 1 --pretrain_epochs 1 --pretrain_iters 2" \
 #     REFERENCE=2 benchmarks/gpu_real_study.sh                                      # dry run on the CPU
-#   RESUME=docs/results/hippocampus_study/results.json ...   # continue a study: its finished runs are skipped
+#   RESUME=/path/to/earlier/results.json ...   # continue a study: its finished runs are skipped
 set -u
 T0=$(date +%s)
 OUT=${OUT:-/tmp/gpu_real_study_out}; mkdir -p "$OUT"

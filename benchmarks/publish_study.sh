@@ -2,7 +2,7 @@
 # Copy what a gemini_benchmark study may commit (numbers, case ids, logs, plots) from its -o folder to DEST:
 # results.{json,md,png}, logs/, and per run the training log and progress plots. Never the datasets,
 # predictions or checkpoints (a CC-BY-SA collection's derivatives stay out of the repository).
-#   benchmarks/publish_study.sh /work/scratch/hippo_study docs/results/hippocampus_cpu_study
+#   benchmarks/publish_study.sh /scratch/study DEST   # DEST: a folder under the docs results folder
 set -eu
 src=$1 dest=$(mkdir -p "$2" && cd "$2" && pwd)
 mkdir -p "$dest/logs" "$dest/runs"

@@ -42,6 +42,20 @@ DEFAULT_ROTATION = (-20. / 360 * 2. * np.pi, 20. / 360 * 2. * np.pi)
 DEFAULT_SCALING = (0.75, 1.25)
 
 
+def require_two_cases(num_cases: int, pool_folder: Optional[str] = None, excluded: str = "",
+                      dataset: Union[int, str] = "ID", alternative: str = "") -> None:
+    """The one refusal of a pool with fewer than 2 usable cases (pairs are two different subjects):
+    names the pool folder when known, how many usable cases it holds (and what was removed from it,
+    `excluded`), and the fix; `alternative`: another way out the caller offers."""
+    if num_cases >= 2:
+        return
+    pool = f"the unlabelled pool {pool_folder}" if pool_folder else "the unlabelled pool"
+    raise GeminiUserError(
+        f"{pool} holds {num_cases} usable case(s){excluded}; GEMINI pairs need at least 2 different cases: add "
+        f"images to imagesUnlabeled/ (or pass gemini_pretrain --unlabeled_dir) and rebuild the pool with "
+        f"`gemini_pretrain -d {dataset} --preprocess_only`{alternative}.")
+
+
 def relative_start(shape: Sequence[int], patch_size: Sequence[int], u: Sequence[float]) -> List[int]:
     """start = round(u * (shape - patch)) per axis. For an axis smaller than the patch the start
     is negative (the image sits inside the patch, zero-padded around it, as nnU-Net pads)."""
@@ -143,10 +157,7 @@ class PairDataLoader(DataLoader):
         if positions not in PAIR_POSITIONS:
             raise GeminiUserError(f"pair positions {positions!r} is not one of {PAIR_POSITIONS}")
         identifiers = list(data.identifiers)
-        if len(identifiers) < 2:
-            raise GeminiUserError(f"GEMINI pairs need at least 2 different cases, the pool has "
-                                  f"{len(identifiers)}: add images to imagesUnlabeled/ or pass "
-                                  f"--unlabeled_dir.")
+        require_two_cases(len(identifiers), getattr(data, "source_folder", None))
         super().__init__(data, num_pairs, 1, None, True, False, True, None)
         self.indices = identifiers
         self.num_pairs = int(num_pairs)

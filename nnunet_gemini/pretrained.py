@@ -52,35 +52,47 @@ def _skipped(key: str) -> bool:
     return any(s in key for s in SKIPPED_NETWORK_KEYS)
 
 
+PRETRAIN_FIX = "pre-train with the same plans and configuration as this training"
+
+
+def load_network_weights(network, weights: Dict, checkpoint_name: str, fix: str = PRETRAIN_FIX) -> None:
+    """The one weight rule for a network loaded from one of our checkpoints (a pre-training into a
+    downstream network, a checkpoint into gemini_register's network): every tensor but the
+    segmentation convs (`.seg_layers.`, which depend on the labels) must be in `weights` with this
+    network's shape; a missing or misfitting one is a GeminiUserError naming `checkpoint_name`, the
+    weight, both shapes and `fix`. Nothing is silently left at its random initialisation. DDP /
+    compile wrappers are unwrapped."""
+    from nnunet_gemini.network import unwrap_network
+
+    net = unwrap_network(network)
+    own = net.state_dict()
+    for key, value in own.items():
+        if _skipped(key):
+            continue
+        if key not in weights:
+            raise GeminiUserError(f"{checkpoint_name} has no weight '{key}' that this network needs (it was "
+                                  f"trained for another architecture): {fix}.")
+        if tuple(weights[key].shape) != tuple(value.shape):
+            raise GeminiUserError(f"{checkpoint_name}: weight '{key}' has shape {tuple(weights[key].shape)} "
+                                  f"but this network needs {tuple(value.shape)}: {fix}.")
+    own.update({k: v for k, v in weights.items() if k in own and not _skipped(k)})
+    net.load_state_dict(own)
+
+
 def apply_pretrained(ckpt: Dict, network, deformer=None, expected_fields: Optional[Dict] = None,
                      checkpoint_name: str = "the pre-trained checkpoint") -> List[str]:
-    """Load ckpt's network weights (all but `.seg_layers.`) into ``network`` (DDP/compile
-    wrappers are unwrapped) and, when given and present, the deformer weights. With
-    ``expected_fields`` (checkpoints.network_compatibility_fields of the downstream run) the
-    compatibility is checked first. Returns warning strings (spacing / patch size differ, no
-    deformer weights); raises GeminiUserError naming both sides on any mismatch."""
+    """Load ckpt's network weights (all but `.seg_layers.`, load_network_weights' rule) into
+    ``network`` (DDP/compile wrappers are unwrapped) and, when given and present, the deformer
+    weights. With ``expected_fields`` (checkpoints.network_compatibility_fields of the downstream
+    run) the compatibility is checked first. Returns warning strings (spacing / patch size differ,
+    no deformer weights); raises GeminiUserError naming both sides on any mismatch."""
     from nnunet_gemini.checkpoints import check_compatibility
     from nnunet_gemini.network import unwrap_network
 
     warnings: List[str] = []
     if expected_fields is not None:
         warnings += check_compatibility(ckpt.get("meta", {}).get("compat", {}), expected_fields, checkpoint_name)
-    net = unwrap_network(network)
-    own = net.state_dict()
-    weights = ckpt["network_weights"]
-    for key, value in own.items():
-        if _skipped(key):
-            continue
-        if key not in weights:
-            raise GeminiUserError(f"{checkpoint_name} has no weight '{key}' that this network needs: "
-                                  f"it was pre-trained for another architecture. Pre-train with the "
-                                  f"same plans and configuration as this training.")
-        if tuple(weights[key].shape) != tuple(value.shape):
-            raise GeminiUserError(f"{checkpoint_name}: weight '{key}' has shape {tuple(weights[key].shape)} "
-                                  f"but this network needs {tuple(value.shape)}; pre-train with the same "
-                                  f"plans and configuration as this training.")
-    own.update({k: v for k, v in weights.items() if k in own and not _skipped(k)})
-    net.load_state_dict(own)
+    load_network_weights(network, ckpt["network_weights"], checkpoint_name)
     if deformer is not None:
         deformer_weights = ckpt.get("deformer_weights")
         if not deformer_weights:

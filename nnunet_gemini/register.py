@@ -20,7 +20,9 @@ The deformer was trained on nnU-Net-preprocessed data, so registration runs ther
      written warped image.
 
 Images are read with SimpleITK for their geometry, so the plans must use nnU-Net's SimpleITKIO
-(the default for .nii.gz, .nrrd, .mha, ...) and a 3d configuration.
+(the default for .nii.gz, .nrrd, .mha, ...) and a 3d configuration. The model (network, deformer,
+plans) is loaded by nnunet_gemini.trained_model from a gemini_pretrain checkpoint or a trainer's
+results folder.
 """
 import argparse
 import itertools
@@ -34,10 +36,15 @@ import numpy as np
 
 from nnunet_gemini.errors import GeminiUserError, run_cli
 
+# loading a model from either checkpoint kind: nnunet_gemini.trained_model (its names stay importable here)
+from nnunet_gemini.trained_model import RegistrationModel, load_from_pretrain_checkpoint, load_from_trainer_results
+
 if TYPE_CHECKING:  # annotations only: the CLI imports torch where it is used
     import torch
 
-    from nnunet_gemini.gemini_step import GeminiStep
+__all__ = ["RegistrationModel", "load_from_pretrain_checkpoint", "load_from_trainer_results", "prepare_case",
+           "case_features", "register_cases", "register_pair", "write_result", "folder_cases", "register_folder",
+           "label_dice", "warp_with_field", "displacement_field_mm", "RegistrationResult", "main"]
 
 OUTPUT_IMAGE = "warped_moving"          # + _XXXX<ending> per channel
 OUTPUT_LABEL = "warped_moving_label"    # + <ending>
@@ -45,141 +52,6 @@ OUTPUT_FIELD = "displacement_mm"        # + <ending>, vector image, float32
 OUTPUT_JSON = "registration.json"
 PAIRS_JSON = "pairs.json"
 _SLAB_VOXELS = 2 ** 22  # fixed-image voxels mapped per chunk (bounds memory on big volumes)
-
-
-# ----------------------------------------------------------------------------- the model
-@dataclass
-class RegistrationModel:
-    """Network + deformer (as GeminiStep) + the plans that preprocess their input."""
-    network: "torch.nn.Module"
-    step: "GeminiStep"
-    plans_manager: object
-    configuration_manager: object
-    dataset_json: dict
-    device: "torch.device"
-    source: str
-    deformation: str
-
-    @property
-    def file_ending(self) -> str:
-        return self.dataset_json["file_ending"]
-
-
-def _device(name: Optional[str]):
-    import torch
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda", "mps"):
-        raise GeminiUserError(f"-device {name!r}: use cpu, cuda or mps")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GeminiUserError("-device cuda: no CUDA device is available; use -device cpu")
-    return torch.device(name)
-
-
-def _plans_and_dataset_json(candidates: Sequence[tuple]) -> tuple:
-    """The first (plans.json, dataset.json) pair that exists among candidates."""
-    for plans_file, dataset_file in candidates:
-        if os.path.isfile(plans_file) and os.path.isfile(dataset_file):
-            from nnunet_gemini.datasets import load_json
-            return load_json(plans_file), load_json(dataset_file)
-    looked = "; ".join(p for p, _ in candidates)
-    raise GeminiUserError(f"no plans/dataset.json found for this model (looked for {looked}): "
-                          f"export nnUNet_preprocessed / nnUNet_results of the dataset it was trained on")
-
-
-def _build_model(plans: dict, dataset_json: dict, configuration: str, network_weights: dict,
-                 deformer_weights: Optional[dict], spec: dict, device, source: str) -> RegistrationModel:
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from nnunet_gemini.gemini_step import step_from_spec
-    from nnunet_gemini.network import build_segmentation_network
-
-    plans_manager = PlansManager(plans)
-    if configuration not in plans["configurations"]:
-        raise GeminiUserError(f"configuration {configuration!r} is not in the plans of {source}; "
-                              f"choose one of {sorted(plans['configurations'])}")
-    cm = plans_manager.get_configuration(configuration)
-    if len(cm.patch_size) != 3:
-        raise GeminiUserError(f"{source} uses the 2d configuration {configuration!r}; gemini_register "
-                              f"registers volumes: use a model trained with a 3d configuration")
-    if plans_manager.image_reader_writer_class is not SimpleITKIO:
-        raise GeminiUserError(f"the plans of {source} read images with "
-                              f"{plans_manager.image_reader_writer_class.__name__}; gemini_register needs "
-                              f"SimpleITKIO (images SimpleITK reads, e.g. .nii.gz, .nrrd, .mha)")
-    if not deformer_weights:
-        raise GeminiUserError(f"{source} holds no deformer weights: use a gemini_pretrain checkpoint "
-                              f"or an nnUNetTrainerGEMINI results folder")
-    label_manager = plans_manager.get_label_manager(dataset_json)
-    network = build_segmentation_network(plans_manager, cm, determine_num_input_channels(plans_manager, cm,
-                                                                                         dataset_json),
-                                         label_manager.num_segmentation_heads, enable_deep_supervision=False)
-    own = network.state_dict()
-    # .seg_layers. of a pre-training may not fit this dataset's labels; registration never uses them
-    own.update({k: v for k, v in network_weights.items() if k in own and own[k].shape == v.shape})
-    missing = [k for k in own if k not in network_weights and ".seg_layers." not in k]
-    if missing:
-        raise GeminiUserError(f"{source} does not fit the network of its plans (missing {missing[:3]}...): "
-                              f"use the plans/configuration it was trained with")
-    network.load_state_dict(own)
-    step = step_from_spec(network, spec)  # the deformer as the checkpoint's spec describes it
-    try:
-        step.deformer.load_state_dict(deformer_weights)
-    except RuntimeError as e:
-        raise GeminiUserError(f"{source}: its deformer weights do not fit a deformer built as {spec} "
-                              f"({str(e).splitlines()[0]})") from e
-    network.to(device).eval()
-    step.to(device).eval()
-    return RegistrationModel(network, step, plans_manager, cm, dataset_json, device, source, spec["deformation"])
-
-
-def load_from_pretrain_checkpoint(path: str, device=None) -> RegistrationModel:
-    """A gemini_pretrain checkpoint (checkpoint_final.pth); its meta names the dataset, plans,
-    configuration and deformer; plans come from beside it or from nnUNet_preprocessed."""
-    from nnunet_gemini.pretrained import load_pretrained_checkpoint
-
-    ckpt = load_pretrained_checkpoint(path)
-    meta = ckpt["meta"]
-    candidates = [(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "plans.json"),
-                   os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "dataset.json"))]
-    if os.environ.get("nnUNet_preprocessed"):
-        folder = os.path.join(os.environ["nnUNet_preprocessed"], meta["dataset_name"])
-        candidates.append((os.path.join(folder, meta["plans_identifier"] + ".json"),
-                           os.path.join(folder, "dataset.json")))
-    plans, dataset_json = _plans_and_dataset_json(candidates)
-    from nnunet_gemini.gemini_step import spec_from_checkpoint
-    return _build_model(plans, dataset_json, meta["configuration"], ckpt["network_weights"],
-                        ckpt.get("deformer_weights"), spec_from_checkpoint(meta, where=path),
-                        _device(device) if not hasattr(device, "type") else device, f"checkpoint {path}")
-
-
-def load_from_trainer_results(dataset: str, configuration: str = "3d_fullres", plans: str = "nnUNetPlans",
-                              trainer: str = "nnUNetTrainerGEMINI", fold: str = "all",
-                              checkpoint_name: str = "checkpoint_final.pth", deformation: Optional[str] = None,
-                              device=None) -> RegistrationModel:
-    """nnUNet_results/DatasetXXX/<trainer>__<plans>__<configuration>/fold_<fold>/<checkpoint_name>
-    of an nnUNetTrainerGEMINI-family run (its checkpoint's 'gemini' entry holds the deformer)."""
-    from nnunet_gemini.checkpoints import load_nnunet_trainer_checkpoint
-    from nnunet_gemini.datasets import require_env_folder, resolve_dataset
-
-    dataset_name = resolve_dataset(dataset)
-    folder = os.path.join(require_env_folder("nnUNet_results"), dataset_name,
-                          f"{trainer}__{plans}__{configuration}")
-    path = os.path.join(folder, f"fold_{fold}", checkpoint_name)
-    ckpt = load_nnunet_trainer_checkpoint(path)
-    ours = ckpt.get("gemini") or {}
-    plans_dict, dataset_json = _plans_and_dataset_json(
-        [(os.path.join(folder, "plans.json"), os.path.join(folder, "dataset.json"))])
-    from nnunet_gemini.gemini_step import spec_from_checkpoint
-    recorded = ours.get("deformation")
-    if deformation and recorded and deformation != recorded:
-        raise GeminiUserError(f"--deformation {deformation}: {path} records deformation {recorded!r}; drop "
-                              f"--deformation (it is only for checkpoints that do not record it).")
-    spec = spec_from_checkpoint(dict(ours, deformation=recorded or deformation), where=path)
-    return _build_model(plans_dict, dataset_json, configuration, ckpt["network_weights"],
-                        ours.get("deformer_weights"), spec,
-                        _device(device) if not hasattr(device, "type") else device, f"results {path}")
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -535,7 +407,8 @@ def _main(argv=None) -> int:
                               "--fixed_label (use --labels_folder for labels)")
     if a.fixed_label and not a.moving_label:
         raise GeminiUserError("--fixed_label needs --moving_label (Dice compares the warped moving label)")
-    device = _device(a.device)
+    from nnunet_gemini.devices import resolve_device
+    device = resolve_device(a.device)
     if a.checkpoint:
         model = load_from_pretrain_checkpoint(a.checkpoint, device)
     else:

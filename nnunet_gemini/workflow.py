@@ -1,5 +1,5 @@
 """Pieces shared by the orchestrating CLIs (gemini_demo, gemini_benchmark): run a stage as a
-real console command, pick the default device, score predictions with nnU-Net's evaluation."""
+real console command, the default device (nnunet_gemini.devices), score predictions with nnU-Net's evaluation."""
 import os
 import shutil
 import subprocess
@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from nnunet_gemini.devices import default_device  # noqa: F401  (one place; demo and benchmark import it here)
 from nnunet_gemini.errors import GeminiUserError
 
 NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -22,14 +23,6 @@ def nnunet_folders(fallback_root: Path, use_env: bool) -> Dict[str, str]:
     if use_env and all(os.environ.get(v) for v in NNUNET_VARS):
         return {v: os.environ[v] for v in NNUNET_VARS}
     return {v: str(Path(fallback_root) / v) for v in NNUNET_VARS}
-
-
-def default_device() -> str:
-    try:
-        import torch
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except Exception:  # torch missing is reported by the first stage that needs it
-        return "cpu"
 
 
 class StageRunner:

@@ -6,7 +6,8 @@ One iteration (defaults):
   ONE forward of the nnU-Net network on cat(a, b, damaged(a)) with a DecoderFeatureTap ->
   GeminiStep on the features of a and b (the shared GEMINI step; losses are not re-implemented
   here) + 100 * MSE(restoration_head(features of damaged a), rescaled clean a) ->
-  one backward, gradient clipping at 12 (as nnU-Net), one Adam step.
+  one guarded step (nnunet_gemini.guarded_step: backward, gradient clipping at 12 as nnU-Net,
+  one Adam step).
 
 Choices (documented defaults, see also run_pretraining --help):
 - Optimiser: Adam, lr 1e-4 constant, as released (the released run: 2e5 iterations of batch 1
@@ -29,10 +30,9 @@ Choices (documented defaults, see also run_pretraining --help):
 - Mixed precision (autocast + GradScaler) on CUDA only; the registration and loss maths run in
   float32 inside (docs/internal-api.md). torch.compile with --compile or nnUNet_compile=1 (CUDA).
 
-Non-finite guard: a non-finite loss skips the update (every rank agrees), is counted and
-logged; after --max_nonfinite in a row training stops with a GeminiUserError.
-Test-only: GEMINI_TEST_NONFINITE_AT_ITER=k makes the loss NaN at global iteration k (0-based);
-"k+" makes it NaN at k and every later iteration.
+Non-finite guard (nnunet_gemini.guarded_step, shared with the trainer): a non-finite loss skips
+backward and update on every rank together, is counted and logged; after --max_nonfinite in a
+row training stops with a GeminiUserError. Test-only: GEMINI_TEST_NONFINITE_ITERS="i,j,k+".
 """
 import contextlib
 import math
@@ -49,6 +49,7 @@ from torch import nn
 
 from nnunet_gemini import checkpoints, datasets, unlabeled
 from nnunet_gemini.degradation import models_genesis_damage
+from nnunet_gemini.devices import default_device, resolve_device
 from nnunet_gemini.errors import GeminiUserError, warn_user
 from nnunet_gemini.gemini_step import (
     GeminiStep,
@@ -57,6 +58,7 @@ from nnunet_gemini.gemini_step import (
     spec_to_checkpoint,
     step_from_spec,
 )
+from nnunet_gemini.guarded_step import GRAD_CLIP, Group, GuardedStep
 from nnunet_gemini.heads import build_deformer, build_restoration_head
 from nnunet_gemini.losses import restoration_loss
 from nnunet_gemini.network import DecoderFeatureTap, build_segmentation_network
@@ -65,16 +67,10 @@ from nnunet_gemini.registration import warp
 
 from .progress import PretrainLogger, is_interactive, save_pair_figure, save_restoration_figure
 
-NONFINITE_ENV = "GEMINI_TEST_NONFINITE_AT_ITER"
 RESTORATION_WEIGHT = 100.0  # released weight of the Models Genesis MSE
-GRAD_CLIP = 12.0  # nnU-Net's clip norm
 RESTORATION_MODES = ("joint", "separate")
 DEFAULT_EPOCHS, DEFAULT_ITERS_PER_EPOCH, DEFAULT_LR = 800, 250, 1e-4
 DEFAULT_SAVE_EVERY, DEFAULT_MAX_NONFINITE, DEFAULT_EXAMPLE_EVERY = 5, 10, 10
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass
@@ -104,18 +100,6 @@ class PretrainOptions:
     compile: bool = False
     seed: int = 12345
     patch_size: Optional[List[int]] = None  # API only (tests, benchmarks): overrides the plans' patch
-
-
-def nonfinite_injection_iterations() -> tuple:
-    """(first, every_later) from GEMINI_TEST_NONFINITE_AT_ITER, or (None, False)."""
-    value = os.environ.get(NONFINITE_ENV, "").strip()
-    if not value:
-        return None, False
-    try:
-        return int(value.rstrip("+")), value.endswith("+")
-    except ValueError:
-        raise GeminiUserError(f"{NONFINITE_ENV}={value!r} is not an iteration number: use k or k+ "
-                              f"(test-only; unset it for real runs).") from None
 
 
 def _to_cpu(obj):
@@ -200,7 +184,7 @@ class GeminiPretrainer:
         if options.restoration_mode not in RESTORATION_MODES:
             raise GeminiUserError(f"restoration mode {options.restoration_mode!r} is not one of "
                                   f"{RESTORATION_MODES}")
-        self.device = self._device(options.device, local_rank)
+        self.device = resolve_device(options.device, local_rank)
         self.use_amp = self.device.type == "cuda"
         total_pairs = options.batch_size or max(1, int(self.configuration_manager.batch_size) // 2)
         if total_pairs < world_size:
@@ -214,24 +198,10 @@ class GeminiPretrainer:
         self.logger = PretrainLogger(self.output_dir, enabled=self.is_main)
         self.epoch = 0        # completed epochs
         self.iteration = 0    # completed (attempted) iterations, over all epochs
-        self.nonfinite_in_row = 0
-        self.nonfinite_total = 0
-
-    @staticmethod
-    def _device(name: str, local_rank: int) -> torch.device:
-        if name == "cuda":
-            if not torch.cuda.is_available():
-                raise GeminiUserError("-device cuda but no CUDA GPU is visible: use -device cpu (slow) or "
-                                      "run on a machine with a GPU.")
-            torch.cuda.set_device(local_rank)
-            return torch.device("cuda", local_rank)
-        if name == "mps":
-            if not torch.backends.mps.is_available():
-                raise GeminiUserError("-device mps but MPS is not available: use -device cpu.")
-            return torch.device("mps")
-        if name != "cpu":
-            raise GeminiUserError(f"-device {name!r} is not one of cuda, cpu, mps.")
-        return torch.device("cpu")
+        self.guarded_step = GuardedStep(
+            options.max_nonfinite, "--max_nonfinite", self.logger.log,
+            "Lower --lr, check the pool images for extreme values",
+            last_good=os.path.join(self.output_dir, LATEST_CHECKPOINT), distributed=world_size > 1)
 
     # ------------------------------------------------------------------------------------ setup
     def compatibility_fields(self) -> Dict:
@@ -298,10 +268,8 @@ class GeminiPretrainer:
     def pool_case_ids(self) -> List[str]:
         pool_folder = unlabeled.pool_folder_for(self.dataset_name, self.options.plans, self.options.configuration)
         cases = unlabeled.pool_case_ids(pool_folder)
-        if len(cases) < 2:
-            raise GeminiUserError(f"the unlabelled pool {pool_folder} holds {len(cases)} case(s); GEMINI pairs "
-                                  f"need two different subjects: add images to imagesUnlabeled/ or pass "
-                                  f"--unlabeled_dir.")
+        from nnunet_gemini.pairs import require_two_cases
+        require_two_cases(len(cases), pool_folder, dataset=datasets.dataset_id_of(self.dataset_name))
         return cases
 
     def build_loader(self, seed: int):
@@ -347,7 +315,7 @@ class GeminiPretrainer:
                 "options": {k: (list(v) if isinstance(v, (list, tuple)) else v)
                             for k, v in asdict(self.options).items()},
             },
-            "logging": {"epochs": self.logger.state_dict(), "nonfinite_total": self.nonfinite_total},
+            "logging": {"epochs": self.logger.state_dict(), "nonfinite_total": self.guarded_step.total},
         }
 
     def save_checkpoint(self, name: str) -> str:
@@ -393,7 +361,7 @@ class GeminiPretrainer:
             self.scaler.load_state_dict(ckpt["grad_scaler_state"])
         self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
         self.logger.load_state_dict(ckpt["logging"]["epochs"])
-        self.nonfinite_total = int(ckpt["logging"].get("nonfinite_total", 0))
+        self.guarded_step.total = int(ckpt["logging"].get("nonfinite_total", 0))
         self.logger.log(f"Resumed from {path}: {self.epoch} epoch(s), {self.iteration} iteration(s) done.")
         return True
 
@@ -405,33 +373,10 @@ class GeminiPretrainer:
         lo, hi = a.float().amin(dim=dims, keepdim=True), a.float().amax(dim=dims, keepdim=True)
         return (damaged01 * (hi - lo) + lo).to(a.dtype), target
 
-    def _inject_nonfinite(self) -> bool:
-        first, later = self.nonfinite_at
-        return first is not None and (self.iteration == first or (later and self.iteration > first))
-
-    def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
-        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-        if self.world_size > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bad.item() == 0
-
     def _optimise(self, loss: torch.Tensor) -> bool:
-        """Backward + clipped step unless the loss is non-finite on any rank. The backward runs
-        either way, so DDP's gradient reduction stays in step on all ranks."""
-        finite = self._all_ranks_finite(loss)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        if finite:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.trained_parameters, GRAD_CLIP)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
+        """One guarded step (skipped on every rank when the loss is non-finite on any), then zero_grad."""
+        finite = self.guarded_step.step(loss, [Group(self.optimizer, self.trained_parameters, GRAD_CLIP)],
+                                        self.scaler)
         self.optimizer.zero_grad(set_to_none=True)
         return finite
 
@@ -444,7 +389,7 @@ class GeminiPretrainer:
         damaged = target = None
         if self.options.restoration:
             damaged, target = self._damage(a)
-        poison = float("nan") if self._inject_nonfinite() else 1.0
+        poison = float("nan") if self.guarded_step.inject(self.iteration) else 1.0
         joint = self.options.restoration_mode == "joint"
         with self._autocast():
             loss, logs = self.forward_model(a, b, damaged if joint else None, target if joint else None)
@@ -460,20 +405,8 @@ class GeminiPretrainer:
             logs["loss"] = logs["loss"] + rest_loss.detach()
         values = {k: float(v) for k, v in logs.items()}
         self.iteration += 1
-        if finite:
-            self.nonfinite_in_row = 0
-            return values
-        self.nonfinite_in_row += 1
-        self.nonfinite_total += 1
-        self.logger.log(f"non-finite loss at iteration {self.iteration - 1} (epoch {self.epoch}); update "
-                        f"skipped ({self.nonfinite_in_row} in a row, {self.nonfinite_total} in total)")
-        if self.nonfinite_in_row >= self.options.max_nonfinite:
-            raise GeminiUserError(
-                f"{self.nonfinite_in_row} non-finite losses in a row (iterations "
-                f"{self.iteration - self.nonfinite_in_row}..{self.iteration - 1}); training stopped. "
-                f"The last good state is {os.path.join(self.output_dir, LATEST_CHECKPOINT)}: lower --lr, "
-                f"check the pool images for extreme values, or raise --max_nonfinite; resume with --c.")
-        return {}
+        self.guarded_step.record(finite, self.iteration - 1, f"epoch {self.epoch}")
+        return values if finite else {}
 
     @torch.no_grad()
     def save_examples(self, batch: Dict[str, torch.Tensor]) -> None:
@@ -514,7 +447,6 @@ class GeminiPretrainer:
 
     def run(self) -> str:
         """Train to options.epochs; returns the path of checkpoint_final.pth."""
-        self.nonfinite_at = nonfinite_injection_iterations()
         self.build()
         self.case_ids = self.pool_case_ids()
         if self.options.continue_training:

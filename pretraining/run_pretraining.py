@@ -21,7 +21,6 @@ torchrun (it reads RANK / WORLD_SIZE / LOCAL_RANK and joins with init_process_gr
 """
 import argparse
 import os
-import socket
 import sys
 from dataclasses import asdict
 from typing import Optional
@@ -94,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace):
-    from nnunet_gemini.pretraining.pretrainer import PretrainOptions, default_device
+    from nnunet_gemini.devices import default_device
+    from nnunet_gemini.pretraining.pretrainer import PretrainOptions
     for name in ("epochs", "iters_per_epoch", "save_every", "max_nonfinite", "example_every", "num_gpus"):
         if getattr(args, name) < 1:
             raise GeminiUserError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -137,12 +137,6 @@ def _preflight(options, world_size: int) -> None:
     of a data-parallel run start (a single process checks inside run())."""
     from nnunet_gemini.pretraining.pretrainer import GeminiPretrainer
     GeminiPretrainer(options, rank=0, world_size=world_size).check_before_training()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawned_rank(rank: int, world_size: int, options_dict: dict, port: int) -> None:
@@ -206,7 +200,8 @@ def _main(argv=None) -> int:
         _preflight(options, options.num_gpus)
         import torch.multiprocessing as mp
         try:
-            mp.spawn(_spawned_rank, args=(options.num_gpus, asdict(options), _free_port()),
+            from nnunetv2.run.run_training import find_free_network_port
+            mp.spawn(_spawned_rank, args=(options.num_gpus, asdict(options), find_free_network_port()),
                      nprocs=options.num_gpus, join=True)
         except mp.ProcessExitedException as e:
             raise GeminiUserError(f"a pre-training process exited with status {e.exit_code} (see its "

@@ -1,22 +1,29 @@
-"""Shared test fixtures: nnU-Net environments and ONE planned tiny demo dataset per test run.
+"""pytest hooks and fixtures only: the `slow` marker, the session-wide scrub of a developer's
+nnUNet_gemini_* and GEMINI_TEST_* settings, nnU-Net environments and ONE planned tiny demo
+dataset per test run. What tests import (constants, run_command, private_demo_copy, ...) lives in
+tests/helpers.py.
 
 Imports stay cheap (no torch, no nnunetv2): the heavy work happens in subprocesses that run the
 real console commands, the way a user runs them.
 """
 import os
-import subprocess
 import sys
-from dataclasses import dataclass, field
-from typing import Dict
 
 import pytest
+from helpers import (
+    DEMO_CASES,
+    DEMO_ID,
+    DEMO_NAME,
+    DEMO_SHAPE,
+    DEMO_SPACING,
+    SCRUBBED_PREFIXES,
+    PlannedDemo,
+    nnunet_env_dict,
+    run_command,
+    scrub_environment,
+)
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_ID = 987
-DEMO_NAME = "GeminiTiny"
-DEMO_SHAPE = (24, 32, 32)
-DEMO_SPACING = (2.0, 1.0, 1.0)
-DEMO_CASES = dict(labeled=4, unlabeled=4, test=2)
+_SCRUBBED = []  # names removed from os.environ by pytest_configure, for the report header
 
 
 def pytest_addoption(parser):
@@ -26,6 +33,14 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long opt-in test; run with --runslow or GEMINI_RUN_SLOW=1")
+    # Before any fixture copies os.environ (the session fixture planned_demo does, ahead of every
+    # function-scoped monkeypatch), so no developer setting leaks into a test or its subprocesses.
+    _SCRUBBED[:] = scrub_environment(os.environ)
+
+
+def pytest_report_header(config):
+    if _SCRUBBED:
+        return f"unset for this run ({' / '.join(p + '*' for p in SCRUBBED_PREFIXES)}): {', '.join(_SCRUBBED)}"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,21 +52,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def nnunet_env_dict(root: str, **extra: str) -> Dict[str, str]:
-    """os.environ plus nnUNet_raw/preprocessed/results under `root` (created), one worker process,
-    and this checkout first on PYTHONPATH so `python -m nnunet_gemini...` runs the code under test."""
-    env = dict(os.environ)
-    for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"),
-                     ("nnUNet_results", "results")):
-        env[var] = os.path.join(str(root), sub)
-        os.makedirs(env[var], exist_ok=True)
-    env["nnUNet_def_n_proc"] = "1"
-    env.pop("nnUNet_n_proc_DA", None)  # set it only for training: 2.8.1 planning crashes on 0
-    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
-    env.update(extra)
-    return env
-
-
 @pytest.fixture
 def nnunet_env(tmp_path, monkeypatch):
     """Fresh nnU-Net folders under tmp_path, exported in this process too; returns the env dict."""
@@ -61,31 +61,11 @@ def nnunet_env(tmp_path, monkeypatch):
     return env
 
 
-@dataclass
-class PlannedDemo:
-    dataset_id: int
-    dataset_name: str
-    raw_folder: str
-    preprocessed_folder: str
-    results_root: str
-    env: Dict[str, str] = field(repr=False)
-    plan_output: str = field(repr=False, default="")
-
-
-def run_command(args, env, timeout=900):
-    """Run a console command; on failure raise with its output (pytest shows it)."""
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} exited {proc.returncode}\n"
-                             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
-    return proc
-
-
 @pytest.fixture(scope="session")
 def planned_demo(tmp_path_factory) -> PlannedDemo:
     """Tiny demo dataset 987, planned and preprocessed (3d_fullres and 2d) once per test run with
     the real `nnUNetv2_plan_and_preprocess --verify_dataset_integrity`. Treat it as read-only;
-    copy it (shutil.copytree) before changing anything."""
+    take a private copy with helpers.private_demo_copy before changing anything."""
     root = tmp_path_factory.mktemp("planned_demo")
     env = nnunet_env_dict(root)
     run_command([sys.executable, "-m", "nnunet_gemini.demo_data", "-d", str(DEMO_ID), "--name", DEMO_NAME,

@@ -4,12 +4,11 @@ same time with --jobs 2): well-formed results.json / results.md / results.png, a
 import glob
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
 import pytest
-from conftest import run_command
+from helpers import private_demo_copy, run_command
 
 METHODS = ["nnUNetTrainer", "nnUNetTrainerGEMINI_NoPretrain"]
 
@@ -17,12 +16,8 @@ METHODS = ["nnUNetTrainer", "nnUNetTrainerGEMINI_NoPretrain"]
 @pytest.fixture(scope="module")
 def tiny_study(planned_demo, tmp_path_factory):
     """The planned demo copied (the benchmark writes the split into it), then one benchmark call."""
-    from conftest import nnunet_env_dict
     root = tmp_path_factory.mktemp("benchmark")
-    env = nnunet_env_dict(root)
-    for var in ("nnUNet_raw", "nnUNet_preprocessed"):
-        src = os.path.join(planned_demo.env[var], planned_demo.dataset_name)
-        shutil.copytree(src, os.path.join(env[var], planned_demo.dataset_name))
+    env = private_demo_copy(planned_demo, root)
     out = root / "study"
     cmd = [sys.executable, "-m", "nnunet_gemini.benchmark", "-d", str(planned_demo.dataset_id), "--n", "3",
            "--draws", "1", "--methods", *METHODS, "--registration", "none", "--train_epochs", "1",
@@ -87,7 +82,7 @@ def test_reports_aggregate_over_draws(tmp_path):
     def run(method, n, draw, dice, iterations=100, reference=False):
         return {"method": method, "n": n, "draw": draw, "iterations": iterations, "reference": reference,
                 "dice_mean": dice, "dice_per_structure": {"organ": dice}, "wall_seconds": 10.0}
-    results = {"dataset": "Dataset991_GeminiDemo", "budget": "quick", "device": "cpu",
+    results = {"dataset": "Dataset991_GeminiDemo", "budget": "short", "device": "cpu",
                "budget_iterations": {"train_epochs": 4, "train_iters": 25, "pretrain_epochs": 1, "pretrain_iters": 1},
                "runs": [run("nnUNetTrainer", 1, 0, 0.5), run("nnUNetTrainer", 1, 1, 0.7),
                         run("nnUNetTrainerGEMINI", 1, 0, 0.8), run("nnUNetTrainer", 1, 0, 0.1, iterations=50),

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import nnunet_env_dict, run_command
+from helpers import nnunet_env_dict, run_command
 
 SHAPES = [(20, 24, 22), (22, 24, 24), (20, 26, 24), (21, 24, 23), (20, 24, 24), (22, 25, 22), (20, 24, 25)]
 

@@ -3,7 +3,7 @@ import json
 import os
 import sys
 
-from conftest import nnunet_env_dict, run_command
+from helpers import nnunet_env_dict, run_command
 
 
 def test_gemini_demo_smoke_budget_runs_every_stage_and_reports_dice(tmp_path):

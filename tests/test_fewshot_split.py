@@ -1,11 +1,11 @@
 """Few-shot folds: disjoint, reproducible, right sizes, <5 labelled cases, overwrite refusal."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+from helpers import private_demo_copy
 
 from nnunet_gemini.errors import GeminiUserError
 from nnunet_gemini.fewshot_split import fewshot_folds, write_fewshot_split
@@ -83,8 +83,7 @@ def test_write_requires_planned_and_refuses_overwrite(nnunet_env):
 
 def test_cli_on_planned_demo(planned_demo, tmp_path):
     """The real command on the planned tiny demo (a copy: the session fixture stays read-only)."""
-    env = dict(planned_demo.env, nnUNet_preprocessed=str(tmp_path / "pre"))
-    shutil.copytree(os.path.dirname(planned_demo.preprocessed_folder), env["nnUNet_preprocessed"])
+    env = private_demo_copy(planned_demo, tmp_path / "demo")
     cmd = [sys.executable, "-m", "nnunet_gemini.fewshot_split", "-d", str(planned_demo.dataset_id),
            "-n", "1", "3", "--draws", "2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

@@ -170,6 +170,22 @@ def test_one_case_is_an_error():
         make_pair_loader(ArrayDataset(_coded_cases([(10, 10, 10)])), 1, (6, 6, 6))
 
 
+def test_the_pool_needs_two_cases_one_wording():
+    """One refusal for the pair loader, gemini_pretrain and the trainer: the pool folder (when known),
+    the usable cases, what was removed, and the fix."""
+    from nnunet_gemini.pairs import require_two_cases
+    require_two_cases(2, "/pool")  # enough
+    with pytest.raises(GeminiUserError) as e:
+        require_two_cases(1, "/pool", excluded=" after removing this fold's validation cases", dataset=987,
+                          alternative=", or train nnUNetTrainer")
+    assert str(e.value) == ("the unlabelled pool /pool holds 1 usable case(s) after removing this fold's validation "
+                            "cases; GEMINI pairs need at least 2 different cases: add images to imagesUnlabeled/ (or "
+                            "pass gemini_pretrain --unlabeled_dir) and rebuild the pool with `gemini_pretrain -d 987 "
+                            "--preprocess_only`, or train nnUNetTrainer.")
+    with pytest.raises(GeminiUserError, match=r"^the unlabelled pool holds 0 usable case\(s\); .* -d ID "):
+        require_two_cases(0)
+
+
 def test_works_on_nnunet_blosc2_dataset(tmp_path):
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 

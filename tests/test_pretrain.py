@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import DEMO_ID, run_command
+from helpers import DEMO_ID, private_demo_copy, run_command
 
 CLI = [sys.executable, "-m", "nnunet_gemini.pretraining.run_pretraining"]
 TINY = ["-device", "cpu", "--epochs", "1", "--iters_per_epoch", "2", "-np", "1"]
@@ -24,12 +24,7 @@ def demo(planned_demo, tmp_path_factory):
     """A private copy of the planned demo (the pool is written into nnUNet_preprocessed) and one
     tiny CLI pre-training run on it: 1 epoch x 2 iterations."""
     root = str(tmp_path_factory.mktemp("pretrain"))
-    env = dict(planned_demo.env)
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        dst = os.path.join(root, os.path.basename(env[var]))
-        shutil.copytree(env[var], dst)
-        env[var] = dst
-    env["nnUNet_n_proc_DA"] = "0"
+    env = private_demo_copy(planned_demo, root, nnUNet_n_proc_DA="0")
     proc = run_command(CLI + ["-d", str(DEMO_ID), *TINY, "--example_every", "1"], env)
     out = os.path.join(env["nnUNet_results"], planned_demo.dataset_name,
                        "GEMINIPretrain__nnUNetPlans__3d_fullres", "fold_all")
@@ -40,7 +35,6 @@ def demo(planned_demo, tmp_path_factory):
 def in_process_env(demo, monkeypatch):
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_def_n_proc"):
         monkeypatch.setenv(var, demo["env"][var])
-    monkeypatch.delenv("GEMINI_TEST_NONFINITE_AT_ITER", raising=False)
     return demo
 
 
@@ -149,11 +143,10 @@ def test_ddp_two_cpu_processes_gloo(demo, tmp_path):
 
 # --------------------------------------------------------------------------- in-process API
 def _trainer(tmp_path, **kw):
-    from nnunet_gemini.pretraining.pretrainer import GeminiPretrainer, PretrainOptions, nonfinite_injection_iterations
+    from nnunet_gemini.pretraining.pretrainer import GeminiPretrainer, PretrainOptions
     options = PretrainOptions(dataset=str(DEMO_ID), device="cpu", output_dir=str(tmp_path / "api"),
                               patch_size=[16, 16, 16], **kw)
     t = GeminiPretrainer(options)
-    t.nonfinite_at = nonfinite_injection_iterations()
     t.build()
     t.case_ids = t.pool_case_ids()
     t.damage_generator = torch.Generator().manual_seed(0)
@@ -194,20 +187,30 @@ def test_short_run_learns_on_a_fixed_pair(in_process_env, tmp_path):
 
 
 def test_nonfinite_loss_skips_the_update_then_stops(in_process_env, tmp_path, monkeypatch):
+    """The shared guard (nnunet_gemini.guarded_step): no backward and no step on a non-finite loss,
+    counted and logged; --max_nonfinite in a row stop the run."""
     from nnunet_gemini.errors import GeminiUserError
-    monkeypatch.setenv("GEMINI_TEST_NONFINITE_AT_ITER", "1+")
+    monkeypatch.setenv("GEMINI_TEST_NONFINITE_ITERS", "1+")
     t = _trainer(tmp_path, max_nonfinite=2, restoration=False)
     batch = _fixed_pair(t)
     assert t.train_step(batch)  # iteration 0: finite, updated
     params = [p.detach().clone() for p in t.trained_parameters]
+    state = {k: v.clone() for k, v in t.optimizer.state_dict()["state"][0].items()}
+    backward_calls = []
+    hooks = [p.register_hook(lambda g: backward_calls.append(1)) for p in t.trained_parameters[:1]]
     assert t.train_step(batch) == {}  # iteration 1: NaN, skipped
+    assert backward_calls == []  # no backward ran (the policy of both loops)
     assert all(torch.equal(p, q) for p, q in zip(params, t.trained_parameters))
     assert all(p.grad is None for p in t.trained_parameters)
-    with pytest.raises(GeminiUserError, match="2 non-finite losses in a row"):
+    assert all(torch.equal(v, t.optimizer.state_dict()["state"][0][k]) for k, v in state.items())
+    with pytest.raises(GeminiUserError, match=r"training stopped: 2 non-finite losses in a row \(iterations 1\.\.2; "
+                                              r"limit --max_nonfinite=2\)"):
         t.train_step(batch)
-    assert t.nonfinite_total == 2
+    for hook in hooks:
+        hook.remove()
+    assert t.guarded_step.total == 2 and t.guarded_step.in_a_row == 2
     text = open(t.logger.log_file).read()
-    assert "non-finite loss at iteration 1" in text and "non-finite loss at iteration 2" in text
+    assert "non-finite loss at iteration 1 (epoch 0)" in text and "non-finite loss at iteration 2" in text
 
 
 # ------------------------------------------------------------------------------ pretrained.py

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import run_command
+from helpers import run_command
 
 SHIFT = np.array([2, 3, -4])          # voxels, numpy axis order (z, y, x)
 PAD = ((3, 1), (0, 2), (4, 0))        # zero padding of the moving image (cropped by preprocessing)
@@ -175,3 +175,67 @@ def test_trainer_results_are_rebuilt_from_their_spec(shifted_pair, tmp_path, mon
                                  "integration_steps": 5}
     with pytest.raises(GeminiUserError, match="records deformation 'diffeomorphic'; drop --deformation"):
         load_from_trainer_results(name, deformation="displacement", device="cpu")
+
+
+def test_weights_that_do_not_fit_the_network_are_refused_naming_the_file_and_the_fix(shifted_pair, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """One weight rule (pretrained.load_network_weights) for both checkpoint kinds: a network tensor
+    of another shape is an error, never a random weight kept silently; the segmentation convs alone
+    may differ (other labels; registration does not use them)."""
+    import shutil
+
+    import torch
+
+    from nnunet_gemini.checkpoints import atomic_torch_save
+    from nnunet_gemini.errors import GeminiUserError, run_cli
+    from nnunet_gemini.register import _main
+    from nnunet_gemini.trained_model import load_from_pretrain_checkpoint, load_from_trainer_results
+
+    p = shifted_pair
+    monkeypatch.setenv("nnUNet_preprocessed", p["env"]["nnUNet_preprocessed"])
+    ckpt = torch.load(p["checkpoint"], map_location="cpu", weights_only=True)
+    weights = ckpt["network_weights"]
+    key = next(k for k, v in weights.items() if v.ndim == 5 and ".seg_layers." not in k)
+    bad = dict(weights, **{key: torch.zeros(weights[key].shape[0] + 1, *weights[key].shape[1:])})
+    # other labels: only the segmentation convs differ, which is fine
+    seg = {k: torch.zeros(7, *v.shape[1:]) for k, v in weights.items() if ".seg_layers." in k}
+    other_labels = str(tmp_path / "labels" / "fold_all" / "checkpoint_final.pth")
+    atomic_torch_save(dict(ckpt, network_weights=dict(weights, **seg)), other_labels)
+    model = load_from_pretrain_checkpoint(other_labels, "cpu")
+    assert torch.equal(model.network.state_dict()[key], weights[key])
+
+    misfit = str(tmp_path / "misfit" / "fold_all" / "checkpoint_final.pth")
+    atomic_torch_save(dict(ckpt, network_weights=bad), misfit)
+    shape, wanted = tuple(bad[key].shape), tuple(weights[key].shape)
+    expected = (rf"checkpoint {misfit}: weight '{key}' has shape \({', '.join(map(str, shape))}\) but this network "
+                rf"needs \({', '.join(map(str, wanted))}\): the network was built from .*nnUNetPlans\.json")
+    with pytest.raises(GeminiUserError, match=expected):
+        load_from_pretrain_checkpoint(misfit, "cpu")
+    missing = str(tmp_path / "missing" / "fold_all" / "checkpoint_final.pth")
+    atomic_torch_save(dict(ckpt, network_weights={k: v for k, v in weights.items() if k != key}), missing)
+    with pytest.raises(GeminiUserError, match=rf"checkpoint {missing} has no weight '{key}' that this network needs"):
+        load_from_pretrain_checkpoint(missing, "cpu")
+    # gemini_register itself: exit 2 and the message, no registration
+    capsys.readouterr()
+    rc = run_cli(_main, ["--checkpoint", misfit, "-m", str(p["folder"] / "moving_0000.nii.gz"),
+                         "-f", str(p["folder"] / "fixed_0000.nii.gz"), "-o", str(tmp_path / "out"), "-device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"ERROR: checkpoint {misfit}: weight '{key}' has shape" in err, err
+    assert "export the nnUNet_preprocessed it was pre-trained with" in err
+    assert not (tmp_path / "out").exists()
+
+    # a trainer results folder: the same rule
+    name = ckpt["meta"]["dataset_name"]
+    folder = tmp_path / "results" / name / "nnUNetTrainerGEMINI__nnUNetPlans__3d_fullres"
+    os.makedirs(folder / "fold_all")
+    preprocessed = os.path.join(p["env"]["nnUNet_preprocessed"], name)
+    shutil.copy(os.path.join(preprocessed, "nnUNetPlans.json"), folder / "plans.json")
+    shutil.copy(os.path.join(preprocessed, "dataset.json"), folder / "dataset.json")
+    atomic_torch_save({"network_weights": bad, "gemini": {"deformer_weights": ckpt["deformer_weights"],
+                                                          "deformation": "diffeomorphic",
+                                                          "deformer": {"resolution": "full"}}},
+                      str(folder / "fold_all" / "checkpoint_final.pth"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    with pytest.raises(GeminiUserError, match=rf"results .*checkpoint_final\.pth: weight '{key}' has shape .*: the "
+                                              rf"network was built from .*plans\.json, which nnU-Net wrote beside it"):
+        load_from_trainer_results(name, device="cpu")

@@ -23,7 +23,7 @@ from typing import Callable, List, Tuple
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import DEMO_ID, REPO_ROOT
+from helpers import DEMO_ID, REPO_ROOT, private_demo_copy
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 CLI = [sys.executable, "-m", "nnunet_gemini.pretraining.run_pretraining"]
@@ -38,8 +38,7 @@ def pooled_root(planned_demo, tmp_path_factory):
     rebuild their pool (the manifest records absolute source paths); its case ids are the baseline
     that no failed run may add to."""
     root = str(tmp_path_factory.mktemp("reliability"))
-    for var in ENV_VARS:
-        shutil.copytree(planned_demo.env[var], os.path.join(root, os.path.basename(planned_demo.env[var])))
+    private_demo_copy(planned_demo, root)
     with pytest.MonkeyPatch.context() as mp:
         _export(mp, root)
         from nnunet_gemini import unlabeled
@@ -67,8 +66,6 @@ def _export(monkeypatch, root):
         monkeypatch.setenv(var, os.path.join(root, sub))
     monkeypatch.setenv("nnUNet_def_n_proc", "1")
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    for var in ("GEMINI_TEST_NONFINITE_AT_ITER", "GEMINI_TEST_ABORT_AFTER_TMP_WRITE"):
-        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture
@@ -337,7 +334,6 @@ def test_constant_and_smaller_than_patch_images_train_with_finite_values(env):
     options = PretrainOptions(dataset=env.name, device="cpu", output_dir=os.path.join(env.root, "api"),
                               patch_size=[16, 16, 16], restoration_mode="joint")
     trainer = GeminiPretrainer(options)
-    trainer.nonfinite_at = (None, False)
     trainer.build()
     trainer.damage_generator = torch.Generator().manual_seed(0)
     assert any(s < 16 for s in small_shape), small_shape  # really smaller than the patch
@@ -349,17 +345,18 @@ def test_constant_and_smaller_than_patch_images_train_with_finite_values(env):
     before = [p.detach().clone() for p in trainer.trained_parameters]
     values = trainer.train_step(batch)
     assert values and all(np.isfinite(v) for v in values.values()), values
-    assert trainer.nonfinite_total == 0
+    assert trainer.guarded_step.total == 0
     assert any(not torch.equal(p, q) for p, q in zip(before, trainer.trained_parameters))
     trainer.model.tap.close()
 
 
 # ---------------------------------------------------------------------------------------- faults
 def test_nonfinite_losses_stop_the_cli_with_a_message_and_no_final_checkpoint(env, capsys, monkeypatch):
-    monkeypatch.setenv("GEMINI_TEST_NONFINITE_AT_ITER", "0+")
+    monkeypatch.setenv("GEMINI_TEST_NONFINITE_ITERS", "0+")
     rc, out, err = run_cli(["-d", DEMO_ID, *TINY, "--iters_per_epoch", "3", "--max_nonfinite", "2"], capsys)
-    assert rc == 2 and "ERROR: 2 non-finite losses in a row (iterations 0..1); training stopped" in err, err
-    assert "raise --max_nonfinite; resume with --c" in err
+    assert rc == 2 and "ERROR: training stopped: 2 non-finite losses in a row (iterations 0..1; limit " \
+                       "--max_nonfinite=2)" in err, err
+    assert "raise --max_nonfinite; resume with --c (the last good state is " in err
     assert "non-finite loss at iteration 0" in out and "non-finite loss at iteration 1" in out
     assert not glob.glob(os.path.join(env.out(), "checkpoint_*.pth"))
 
@@ -369,7 +366,7 @@ def test_sigkill_between_epochs_then_c_resumes_at_the_saved_epoch(env, tmp_path)
     epoch 1 started (so checkpoint_latest.pth of epoch 1 is on disk, --save_every 1); whatever
     epoch the process reached, --c must resume at the epoch of that checkpoint and finish."""
     import torch
-    from conftest import nnunet_env_dict
+    from helpers import nnunet_env_dict
     sub_env = nnunet_env_dict(env.root, nnUNet_n_proc_DA="0", PYTHONUNBUFFERED="1")
     epochs = 3
     args = CLI + ["-d", str(DEMO_ID), *TINY, "--epochs", str(epochs), "--save_every", "1",
@@ -510,7 +507,7 @@ RELIABILITY_TABLE = [
         _here("test_sigkill_between_epochs_then_c_resumes_at_the_saved_epoch")),
     Row("--c restores the optimizer state and the epoch", "FAULT",
         "test_pretrain.py::test_resume_continues_at_the_right_epoch_with_optimizer_state"),
-    Row("non-finite loss, pre-training (GEMINI_TEST_NONFINITE_AT_ITER)", "FAULT",
+    Row("non-finite loss, pre-training (GEMINI_TEST_NONFINITE_ITERS)", "FAULT",
         "test_pretrain.py::test_nonfinite_loss_skips_the_update_then_stops"),
     Row("non-finite losses in a row stop gemini_pretrain", "FAULT",
         _here("test_nonfinite_losses_stop_the_cli_with_a_message_and_no_final_checkpoint")),
@@ -518,6 +515,8 @@ RELIABILITY_TABLE = [
         "test_trainers.py::test_uneven_ddp_batch_split_is_refused_with_the_fix"),
     Row("non-finite loss, trainer (GEMINI_TEST_NONFINITE_ITERS)", "FAULT",
         "test_trainers.py::test_nonfinite_loss_skips_the_update_then_stops"),
+    Row("non-finite loss on one DDP rank only: all ranks skip together", "FAULT",
+        "test_guarded_step.py::test_all_ranks_skip_together_when_one_rank_is_nonfinite"),
     Row("our checkpoints load with weights_only=True", "SAFE",
         "test_checkpoints.py::test_atomic_save_and_weights_only_load"),
     Row("every torch.load of the library is weights_only=True", "SAFE",
@@ -533,6 +532,8 @@ RELIABILITY_TABLE = [
         "test_trainers.py::test_rampup_warmup_factors_and_their_options"),
     Row("--c with nnUNet_gemini_deformation contradicting the trainer checkpoint", "ERROR",
         "test_trainers.py::test_continue_rebuilds_the_deformer_as_checkpointed"),
+    Row("gemini_register with network weights that do not fit (shape or missing)", "ERROR",
+        "test_register.py::test_weights_that_do_not_fit_the_network_are_refused_naming_the_file_and_the_fix"),
     Row("gemini_register --deformation contradicting the trainer checkpoint", "ERROR",
         "test_register.py::test_trainer_results_are_rebuilt_from_their_spec"),
     Row("--c on a fold without a checkpoint is a fresh start (pre-training loaded)", "OK",

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import DEMO_CASES, run_command
+from helpers import DEMO_CASES, private_demo_copy, run_command
 
 BUDGET = {"nnUNet_gemini_num_epochs": "1", "nnUNet_gemini_iters_per_epoch": "2", "nnUNet_gemini_val_iters": "1",
           "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1"}
@@ -19,17 +19,7 @@ BUDGET = {"nnUNet_gemini_num_epochs": "1", "nnUNet_gemini_iters_per_epoch": "2",
 def demo_copy(planned_demo, tmp_path_factory):
     """A private copy of the planned demo (training writes the pool and results into it)."""
     root = tmp_path_factory.mktemp("trainers_demo")
-    env = dict(planned_demo.env)
-    for var, src in (("nnUNet_raw", os.path.dirname(planned_demo.raw_folder)),
-                     ("nnUNet_preprocessed", os.path.dirname(planned_demo.preprocessed_folder))):
-        env[var] = str(root / var)
-        shutil.copytree(src, env[var])
-    env["nnUNet_results"] = str(root / "results")
-    os.makedirs(env["nnUNet_results"])
-    env.update(BUDGET)
-    for k in [k for k in env if k.startswith("nnUNet_gemini_") and k not in BUDGET]:
-        del env[k]  # a developer's own settings must not leak into the tests
-    return planned_demo, env
+    return planned_demo, private_demo_copy(planned_demo, root, **BUDGET)
 
 
 @pytest.fixture
@@ -41,8 +31,6 @@ def api_env(demo_copy, tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     for k, v in BUDGET.items():
         monkeypatch.setenv(k, v)
-    for k in [k for k in os.environ if k.startswith("nnUNet_gemini_") and k not in BUDGET]:
-        monkeypatch.delenv(k)
     return demo, env
 
 
@@ -82,7 +70,8 @@ def _train_and_predict(demo, env, configuration, tmp_path):
                             f"nnUNetTrainerGEMINI__nnUNetPlans__{configuration}", "fold_all")
     assert os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")), train.stdout[-3000:]
     assert os.path.isfile(os.path.join(fold_dir, "validation", "summary.json"))  # nnU-Net's final validation
-    assert os.path.isfile(os.path.join(fold_dir, "progress.png"))
+    assert os.path.isfile(os.path.join(fold_dir, "progress.png"))  # nnU-Net's own
+    assert os.path.isfile(os.path.join(fold_dir, "progress_gemini.png"))  # the GEMINI curves beside it
     logs = [f for f in os.listdir(fold_dir) if f.startswith("training_log_")]
     log = open(os.path.join(fold_dir, logs[0])).read()
     for needle in ("nnUNet_gemini_weight = 1.0 (default)", "nnUNet_gemini_num_epochs = 1 (environment)",
@@ -286,6 +275,26 @@ def test_finetune_refuses_without_checkpoint_and_loads_one(api_env):
     assert torch.equal(trainer.network.state_dict()[key], ckpt["network_weights"][key])
 
 
+def test_progress_png_stays_nnunets_and_the_gemini_curves_get_their_own_file(tmp_path):
+    """progress.png is nnU-Net's figure (its 3 panels, 30 x 54 inches at 100 dpi); the GEMINI terms,
+    the folding fraction and the skipped updates go to progress_gemini.png."""
+    from PIL import Image
+
+    from nnunet_gemini.trainers.progress import GEMINI_LOG_KEYS, GEMINI_PROGRESS_PNG, GeminiLocalLogger
+    logger = GeminiLocalLogger()
+    for epoch in range(2):
+        for key in ("mean_fg_dice", "train_losses", "val_losses", "lrs", *GEMINI_LOG_KEYS):
+            logger.log(key, 0.5 + epoch, epoch)
+        logger.log("ema_fg_dice", 0.5, epoch)
+        logger.log("dice_per_class_or_region", [0.5], epoch)
+        logger.log("epoch_start_timestamps", 10.0 * epoch, epoch)
+        logger.log("epoch_end_timestamps", 10.0 * epoch + 3, epoch)
+    logger.plot_progress_png(str(tmp_path))
+    assert GEMINI_PROGRESS_PNG == "progress_gemini.png"
+    assert Image.open(tmp_path / "progress.png").size == (3000, 5400)  # nnU-Net's figure, no fourth panel
+    assert Image.open(tmp_path / GEMINI_PROGRESS_PNG).size == (3000, 3600)
+
+
 # ---------------------------------------------------------------------------------- one iteration
 @pytest.fixture
 def started_trainer(api_env):
@@ -343,16 +352,22 @@ def test_out_of_memory_names_the_unlabelled_batch_setting(started_trainer):
 
 
 def test_nonfinite_loss_skips_the_update_then_stops(started_trainer, monkeypatch):
+    """The shared guard (nnunet_gemini.guarded_step): no backward, no step of either optimiser,
+    counted and logged; nnUNet_gemini_max_nonfinite in a row stop the training."""
     from nnunet_gemini.errors import GeminiUserError
-    from nnunet_gemini.trainers.nnUNetTrainerGEMINI import TEST_NONFINITE_ENV
+    from nnunet_gemini.guarded_step import TEST_NONFINITE_ENV
     trainer = started_trainer
-    trainer.max_nonfinite_in_a_row = 2
-    monkeypatch.setenv(TEST_NONFINITE_ENV, "0,1")
-    before = _state(trainer.network)
+    trainer.guarded_step.limit = 2
+    monkeypatch.setenv(TEST_NONFINITE_ENV, "0+")
+    before, deformer_before = _state(trainer.network), _state(trainer.gemini_deformer)
     result = trainer.train_step(next(trainer.dataloader_train))
-    assert np.isnan(result["gemini_total"]) and trainer.nonfinite_skipped_total == 1
+    assert np.isnan(result["gemini_total"]) and trainer.guarded_step.total == 1
     assert all((v == before[k]).all() for k, v in trainer.network.state_dict().items())  # no update
-    with pytest.raises(GeminiUserError, match="nnUNet_gemini_max_nonfinite=2"):
+    assert all((v == deformer_before[k]).all() for k, v in trainer.gemini_deformer.state_dict().items())
+    assert all(q.grad is None for q in [*trainer.network.parameters(), *trainer.gemini_deformer.parameters()])
+    assert "non-finite loss at iteration 0 (supervised" in _log_text(trainer)
+    with pytest.raises(GeminiUserError, match=r"training stopped: 2 non-finite losses in a row \(iterations 0\.\.1; "
+                                              r"limit nnUNet_gemini_max_nonfinite=2\)"):
         trainer.train_step(next(trainer.dataloader_train))
 
 
@@ -698,21 +713,15 @@ def test_find_best_configuration_and_ensembling_accept_our_results(demo_copy, tm
 
 
 # ------------------------------------------------------------------------- data-parallel (DDP)
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_cpu_processes_keep_network_and_deformer_identical(demo_copy, tmp_path):
     """-num_gpus 2 runs nnU-Net's DDP path; here the same trainer code on 2 CPU processes (gloo).
     The ranks start from different random states on purpose: the deformer (outside DDP) must be
     made identical by the trainer itself and stay so (gradients averaged by hand), like the network."""
     import torch
+    from nnunetv2.run.run_training import find_free_network_port
     demo, env = demo_copy
     env = dict(env, nnUNet_results=str(tmp_path / "results"), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), WORLD_SIZE="2", nnUNet_gemini_final_validation="0",
+               MASTER_PORT=str(find_free_network_port()), WORLD_SIZE="2", nnUNet_gemini_final_validation="0",
                nnUNet_gemini_unlabeled_batch="2", nnUNet_compile="0")
     pool = os.path.join(env["nnUNet_preprocessed"], demo.dataset_name, "nnUNetPlans_3d_fullres_gemini_unlabeled")
     shutil.rmtree(pool, ignore_errors=True)  # built on first use: by rank 0 alone, the other rank waits

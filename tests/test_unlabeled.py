@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import private_demo_copy
 
 from nnunet_gemini import unlabeled
 from nnunet_gemini.errors import GeminiUserError
@@ -34,17 +35,13 @@ def _ids(folder):
 
 @pytest.fixture
 def env_root(planned_demo, tmp_path, monkeypatch):
-    """A private copy of the shared planned demo (conftest), with one more imagesUnlabeled case
-    whose id collides with an imagesTr case; returns the copy's root."""
+    """A private copy of the shared planned demo (helpers.private_demo_copy), exported to this
+    process, with one more imagesUnlabeled case whose id collides with an imagesTr case; returns
+    the copy's root."""
     root = str(tmp_path / "env")
-    shutil.copytree(os.path.dirname(planned_demo.raw_folder), os.path.join(root, "raw"))
-    shutil.copytree(os.path.dirname(planned_demo.preprocessed_folder),
-                    os.path.join(root, "preprocessed"))
-    os.makedirs(os.path.join(root, "results"))
-    for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"),
-                     ("nnUNet_results", "results")):
-        monkeypatch.setenv(var, os.path.join(root, sub))
-    monkeypatch.setenv("nnUNet_def_n_proc", "1")
+    env = private_demo_copy(planned_demo, root)
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_def_n_proc"):
+        monkeypatch.setenv(var, env[var])
     global DATASET, TR_IDS, UNL_IDS
     DATASET = planned_demo.dataset_name
     TR_IDS, UNL_IDS = _ids(raw(root, "imagesTr")), _ids(raw(root, "imagesUnlabeled"))

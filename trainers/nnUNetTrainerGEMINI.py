@@ -37,6 +37,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import autocast
 
 from nnunet_gemini.errors import GeminiUserError
+from nnunet_gemini.guarded_step import GRAD_CLIP, TEST_NONFINITE_ENV, Group, GuardedStep
 from nnunet_gemini.trainers.options import (
     apply_budget,
     describe,
@@ -51,12 +52,10 @@ from nnunet_gemini.trainers.progress import GEMINI_TERMS, SKIPPED_KEY, GeminiLoc
 __all__ = ["nnUNetTrainerGEMINI", "nnUNetTrainerGEMINI_NoPretrain", "nnUNetTrainerGEMINIFinetune",
            "TEST_NONFINITE_ENV"]
 
-# Test-only fault injection: comma-separated global iteration numbers at which the total loss
-# is replaced by NaN (exercises the non-finite guard without a real divergence).
-TEST_NONFINITE_ENV = "GEMINI_TEST_NONFINITE_ITERS"
 CHECKPOINT_KEY = "gemini"  # our extra entry in nnU-Net's checkpoint dict
-GRAD_CLIP = 12           # the network's max gradient norm (nnU-Net's train_step)
-DEFORMER_GRAD_CLIP = 12  # the deformer's own, on its 1/weight-rescaled gradients
+# Both optimisers clip at guarded_step.GRAD_CLIP (nnU-Net's 12), each over its own parameters (the
+# deformer's on its 1/weight-rescaled gradients). The test hook of the non-finite guard is
+# guarded_step.TEST_NONFINITE_ENV (GEMINI_TEST_NONFINITE_ITERS="i,j,k+"), re-exported here.
 
 
 def _refuse_cascade(plans: dict, configuration: str) -> None:
@@ -107,7 +106,6 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
             self.logger.local_logger = GeminiLocalLogger(self.logger.local_logger.verbose)
         self.gemini_weight = self.gemini_options.weight
         self.gemini_rampup = self.gemini_options.rampup
-        self.max_nonfinite_in_a_row = self.gemini_options.max_nonfinite
         from nnunet_gemini.gemini_step import deformer_spec
         # how the deformer is built: the defaults, or the checkpoint's it is loaded from (set before initialize)
         self.deformer_spec = deformer_spec(self.gemini_options.deformation)
@@ -117,8 +115,11 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         self._poly_lr = None           # the network's lr the poly scheduler set this epoch (before warm-up)
         self.pair_loader = None        # -> on_train_start
         self.pretrained_source: Optional[str] = None  # gemini_pretrain checkpoint used, if any
-        self.nonfinite_skipped_total = 0
-        self.nonfinite_in_a_row = 0
+        # one policy with gemini_pretrain: a non-finite loss skips backward and step on all ranks together
+        self.guarded_step = GuardedStep(
+            self.gemini_options.max_nonfinite, "nnUNet_gemini_max_nonfinite", self.print_to_log_file,
+            f"Lower nnUNet_gemini_weight (now {self.gemini_weight}), check the images for extreme values",
+            distributed=self.is_ddp)
         self.global_iteration = 0
         self._epoch_skipped = 0
         self._restoring_checkpoint = False
@@ -238,7 +239,8 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         if path is None:
             expected_dir = pretrained.pretrain_output_dir(*names)
             if self.requires_pretrained:
-                did = int(self.plans_manager.dataset_name[7:10])
+                from nnunet_gemini.datasets import dataset_id_of
+                did = dataset_id_of(self.plans_manager.dataset_name)
                 raise GeminiUserError(
                     f"{type(self).__name__} needs a gemini_pretrain checkpoint, but none was found in "
                     f"{expected_dir}: run `gemini_pretrain -d {did} -p {self.plans_manager.plans_name} "
@@ -321,7 +323,7 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
 
     def _start_pair_loader(self):
         from nnunet_gemini import unlabeled
-        from nnunet_gemini.pairs import make_pair_loader
+        from nnunet_gemini.pairs import make_pair_loader, require_two_cases
         dataset, plans, config = (self.plans_manager.dataset_name, self.plans_manager.plans_name,
                                   self.configuration_name)
         pool_folder = unlabeled.pool_folder_for(dataset, plans, config)
@@ -337,11 +339,9 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         # fold 'all' validates on the training cases: then the labelled images stay in the pool
         exclude = [] if self.fold == "all" else val_keys
         case_ids = unlabeled.pool_case_ids(pool_folder, exclude=exclude)
-        if len(case_ids) < 2:
-            raise GeminiUserError(f"the unlabelled pool {pool_folder} holds {len(case_ids)} usable case(s) after "
-                                  f"removing this fold's validation cases; GEMINI pairs need 2 different subjects. "
-                                  f"Add images to imagesUnlabeled/ and rebuild the pool (gemini_pretrain -d ID "
-                                  f"--preprocess_only), or train nnUNetTrainer.")
+        from nnunet_gemini.datasets import dataset_id_of
+        require_two_cases(len(case_ids), pool_folder, excluded=" after removing this fold's validation cases",
+                          dataset=dataset_id_of(dataset), alternative=", or train nnUNetTrainer")
         from_labelled = len(set(case_ids) & set(tr_keys))
         self.print_to_log_file(
             f"Labelled training cases: {len(tr_keys)}; validation cases: {len(val_keys)}. Unlabelled pool for "
@@ -395,15 +395,9 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
                 supervised = self.loss(labelled, target)
                 gemini, logs = self.gemini_step(img_a, img_b, features[n:n + p], features[n + p:n + 2 * p])
                 total = supervised + weight * gemini
-            if str(self.global_iteration) in os.environ.get(TEST_NONFINITE_ENV, "").split(","):
+            if self.guarded_step.inject(self.global_iteration):
                 total = total * float("nan")
-            finite = torch.isfinite(total.detach()).float()
-            if self.is_ddp:  # all ranks skip together, or the network's DDP all-reduce would hang
-                import torch.distributed as dist
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            finite = bool(finite)
-            if finite:
-                self._backward_and_step(total, weight)
+            finite = self._backward_and_step(total, weight)
         except torch.OutOfMemoryError as e:
             raise torch.OutOfMemoryError(
                 f"out of memory in a GEMINI training step ({n} labelled + 2 x {p} unlabelled patches of "
@@ -411,9 +405,9 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
                 f"nnUNet_gemini_unlabeled_batch=N (now {self.unlabeled_batch}). Original error: {e}") from e
         self.global_iteration += 1
         if not finite:
-            self._count_nonfinite(float(supervised.detach()), float(gemini.detach()))
-        else:
-            self.nonfinite_in_a_row = 0
+            self._epoch_skipped += 1
+        self.guarded_step.record(finite, self.global_iteration - 1, "" if finite else
+                                 f"supervised {float(supervised.detach())}, gemini {float(gemini.detach())}")
         result = {'loss': supervised.detach().cpu().numpy()}
         for key, name in GEMINI_TERMS.items():
             result[key] = float(logs.get(name, np.nan)) if finite else np.nan
@@ -444,44 +438,24 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
             dist.all_reduce(q.grad)
             q.grad.div_(world)
 
-    def _backward_and_step(self, total: torch.Tensor, weight: float) -> None:
-        """One backward, then a step of each optimiser. With the grad scaler, torch's rule for
-        several optimisers: unscale_ each once, step each, update once."""
-        scaler = self.grad_scaler
-        (scaler.scale(total) if scaler is not None else total).backward()
-        if self.is_ddp:
-            self._average_deformer_gradients()
-        if scaler is not None:
-            scaler.unscale_(self.optimizer)
-            scaler.unscale_(self.deformer_optimizer)
-        # the deformer's gradient is weight * d gemini / d deformer (it is in no other term): without the
-        # weight its Adam steps do not depend on nnUNet_gemini_weight or the ramp-up (weight > 0 always)
-        for q in self.gemini_deformer.parameters():
-            if q.grad is not None:
-                q.grad.div_(weight)
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), GRAD_CLIP)
-        torch.nn.utils.clip_grad_norm_(self.gemini_deformer.parameters(), DEFORMER_GRAD_CLIP)
-        if scaler is not None:
-            scaler.step(self.optimizer)
-            scaler.step(self.deformer_optimizer)
-            scaler.update()
-        else:
-            self.optimizer.step()
-            self.deformer_optimizer.step()
+    def _backward_and_step(self, total: torch.Tensor, weight: float) -> bool:
+        """The guarded step (nnunet_gemini.guarded_step) over both optimisers, in this order:
+        backward -> DDP: the deformer's gradients averaged by hand -> unscale_ both -> the deformer's
+        gradients / weight -> clip each at GRAD_CLIP -> step each -> scaler.update() once.
+        Skipped on every rank together when the total is non-finite on any; returns whether it ran."""
+        groups = [Group(self.optimizer, list(self.network.parameters()), GRAD_CLIP),
+                  Group(self.deformer_optimizer, list(self.gemini_deformer.parameters()), GRAD_CLIP)]
 
-    def _count_nonfinite(self, supervised: float, gemini: float) -> None:
-        self.nonfinite_skipped_total += 1
-        self.nonfinite_in_a_row += 1
-        self._epoch_skipped += 1
-        self.print_to_log_file(f"WARNING: non-finite loss at iteration {self.global_iteration - 1} (supervised "
-                               f"{supervised}, gemini {gemini}): update skipped ({self.nonfinite_in_a_row} in a row, "
-                               f"{self.nonfinite_skipped_total} in total).")
-        if self.nonfinite_in_a_row >= self.max_nonfinite_in_a_row:
-            raise GeminiUserError(
-                f"training stopped: {self.nonfinite_in_a_row} non-finite losses in a row (limit "
-                f"nnUNet_gemini_max_nonfinite={self.max_nonfinite_in_a_row}). Lower nnUNet_gemini_weight "
-                f"(now {self.gemini_weight}), check the images for extreme values, or resume from the last "
-                f"checkpoint with --c.")
+        def unweight_deformer_gradients() -> None:
+            # the deformer's gradient is weight * d gemini / d deformer (it is in no other term): without the
+            # weight its Adam steps do not depend on nnUNet_gemini_weight or the ramp-up (weight > 0 always)
+            for q in self.gemini_deformer.parameters():
+                if q.grad is not None:
+                    q.grad.div_(weight)
+
+        return self.guarded_step.step(total, groups, self.grad_scaler,
+                                      after_backward=self._average_deformer_gradients if self.is_ddp else None,
+                                      after_unscale=unweight_deformer_gradients)
 
     def on_train_epoch_start(self):
         self._epoch_skipped = 0
@@ -548,8 +522,8 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
                 **(spec_to_checkpoint(self.gemini_step.spec()) if self.gemini_step is not None else {}),
                 'pretrained_source': self.pretrained_source,
                 'global_iteration': self.global_iteration,
-                'nonfinite_skipped_total': self.nonfinite_skipped_total,
-                'nonfinite_in_a_row': self.nonfinite_in_a_row,
+                'nonfinite_skipped_total': self.guarded_step.total,
+                'nonfinite_in_a_row': self.guarded_step.in_a_row,
             },
         }
         atomic_torch_save(checkpoint, filename)
@@ -594,8 +568,8 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         self.pretrained_source = ours.get('pretrained_source')
         # nnUNetTrainerGEMINIFinetune counts iterations only since this version: whole epochs before
         self.global_iteration = int(ours.get('global_iteration') or self.current_epoch * self.num_iterations_per_epoch)
-        self.nonfinite_skipped_total = int(ours.get('nonfinite_skipped_total', 0))
-        self.nonfinite_in_a_row = int(ours.get('nonfinite_in_a_row', 0))
+        self.guarded_step.total = int(ours.get('nonfinite_skipped_total', 0))
+        self.guarded_step.in_a_row = int(ours.get('nonfinite_in_a_row', 0))
         self._network_fingerprint = _state_fingerprint(self._plain_network())
 
     def _checkpointed_spec(self, ours: dict, source: str) -> dict:

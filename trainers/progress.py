@@ -1,5 +1,6 @@
 """nnU-Net's LocalLogger extended with the GEMINI terms, one value per epoch like its own keys,
-so they travel in nnU-Net checkpoints and appear in progress.png beside the supervised loss."""
+so they travel in nnU-Net checkpoints. nnU-Net's progress.png stays its own; the GEMINI curves go
+to their own progress_gemini.png beside it."""
 import matplotlib
 
 matplotlib.use("agg")
@@ -13,6 +14,7 @@ GEMINI_TERMS = {"gemini_total": "total", "gemini_appearance": "appearance", "gem
                 "gemini_smoothness": "smoothness", "gemini_folding": "folding_fraction"}
 SKIPPED_KEY = "gemini_skipped_updates"  # non-finite steps skipped in the epoch
 GEMINI_LOG_KEYS = tuple(GEMINI_TERMS) + (SKIPPED_KEY,)
+GEMINI_PROGRESS_PNG = "progress_gemini.png"
 
 
 class GeminiLocalLogger(LocalLogger):
@@ -27,44 +29,19 @@ class GeminiLocalLogger(LocalLogger):
             self.my_fantastic_logging.setdefault(key, [])
 
     def plot_progress_png(self, output_folder):
-        """nnU-Net's three panels (losses + pseudo dice, epoch time, lr) and a fourth with the
-        GEMINI terms (left axis) and the folding fraction (right axis)."""
+        """nnU-Net's progress.png, untouched, and beside it GEMINI_PROGRESS_PNG: the supervised
+        loss and the GEMINI terms (left axis), the folding fraction (right axis) and the skipped
+        (non-finite) updates per epoch."""
+        super().plot_progress_png(output_folder)
         log = self.my_fantastic_logging
-        epoch = min(len(v) for v in log.values()) - 1
+        epoch = min(len(log[k]) for k in ("train_losses", *GEMINI_LOG_KEYS)) - 1
         if epoch < 0:
             return
         x = list(range(epoch + 1))
         sns.set(font_scale=2.5)
-        fig, axes = plt.subplots(4, 1, figsize=(30, 72))
+        fig, axes = plt.subplots(2, 1, figsize=(30, 36))
 
         ax, ax2 = axes[0], axes[0].twinx()
-        ax.plot(x, log["train_losses"][:epoch + 1], color="b", ls="-", label="loss_tr (supervised)", linewidth=4)
-        ax.plot(x, log["val_losses"][:epoch + 1], color="r", ls="-", label="loss_val", linewidth=4)
-        ax2.plot(x, log["mean_fg_dice"][:epoch + 1], color="g", ls="dotted", label="pseudo dice", linewidth=3)
-        ax2.plot(x, log["ema_fg_dice"][:epoch + 1], color="g", ls="-", label="pseudo dice (mov. avg.)",
-                 linewidth=4)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
-        ax2.set_ylabel("pseudo dice")
-        ax.legend(loc=(0, 1))
-        ax2.legend(loc=(0.2, 1))
-
-        ax = axes[1]
-        durations = [e - s for e, s in zip(log["epoch_end_timestamps"][:epoch + 1],
-                                           log["epoch_start_timestamps"][:epoch + 1])]
-        ax.plot(x, durations, color="b", ls="-", label="epoch duration", linewidth=4)
-        ax.set(ylim=[0, ax.get_ylim()[1]])
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("time [s]")
-        ax.legend(loc=(0, 1))
-
-        ax = axes[2]
-        ax.plot(x, log["lrs"][:epoch + 1], color="b", ls="-", label="learning rate", linewidth=4)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("learning rate")
-        ax.legend(loc=(0, 1))
-
-        ax, ax2 = axes[3], axes[3].twinx()
         ax.plot(x, log["train_losses"][:epoch + 1], color="b", ls="-", label="supervised", linewidth=4)
         for key, color in zip(("gemini_total", "gemini_appearance", "gemini_semantic", "gemini_smoothness"),
                               ("k", "m", "c", "y")):
@@ -77,6 +54,13 @@ class GeminiLocalLogger(LocalLogger):
         ax.legend(loc=(0, 1), ncol=3)
         ax2.legend(loc=(0.75, 1))
 
+        ax = axes[1]
+        ax.plot(x, log[SKIPPED_KEY][:epoch + 1], color="r", ls="-", label="skipped updates (non-finite loss)",
+                linewidth=4)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("updates")
+        ax.legend(loc=(0, 1))
+
         plt.tight_layout()
-        fig.savefig(join(output_folder, "progress.png"))
+        fig.savefig(join(output_folder, GEMINI_PROGRESS_PNG))
         plt.close(fig)

@@ -1,0 +1,84 @@
+"""How fast can the deformer learn to register real pairs? (issue 13, finding 6)
+
+Takes a gemini_pretrain checkpoint and its dataset's unlabelled pool, freezes the network (its
+features of K fixed pairs are computed once), and trains a fresh deformer with the checkpoint's
+spec on the GEMINI loss alone, with Adam at each learning rate, for S steps cycling over the
+pairs. Prints the mean appearance term and local NCC of the pairs at the start and after S steps,
+for the checkpoint's own deformer too. A cheap probe (the network passes are done once): it
+isolates the deformer's optimisation from everything else a pre-training does.
+
+  PYTHONPATH=. nnUNet_raw=... nnUNet_preprocessed=... python benchmarks/probe_deformer_lr.py \
+      --checkpoint .../GEMINIPretrain__nnUNetPlans__3d_fullres/fold_all/checkpoint_final.pth --pool FOLDER \
+      --pairs 4 --steps 100 --lrs 1e-4 1e-3 1e-2
+"""
+import argparse
+import copy
+import json
+import time
+
+import numpy as np
+import torch
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--pool", required=True, help="the dataset's <data_identifier>_gemini_unlabeled folder")
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the figures here")
+    a = p.parse_args()
+    torch.manual_seed(a.seed)
+    from nnunet_gemini import unlabeled
+    from nnunet_gemini.gemini_step import step_from_spec
+    from nnunet_gemini.network import DecoderFeatureTap
+    from nnunet_gemini.pairs import make_pair_loader
+    from nnunet_gemini.register import load_from_pretrain_checkpoint
+
+    model = load_from_pretrain_checkpoint(a.checkpoint, torch.device("cpu"))
+    patch = model.configuration_manager.patch_size
+    loader = make_pair_loader(unlabeled.load_pool_dataset(a.pool, unlabeled.pool_case_ids(a.pool)), 1, patch,
+                              spatial_augmentation=False, intensity_augmentation=False)
+    pairs = []
+    with torch.no_grad(), DecoderFeatureTap(model.network) as tap:
+        for _ in range(a.pairs):
+            batch = next(loader)
+            model.network(torch.cat((batch["a"], batch["b"])).float())
+            f = tap.pop().float()
+            pairs.append((batch["a"].float(), batch["b"].float(), f[:1], f[1:]))
+
+    def evaluate(step):
+        with torch.no_grad():
+            logs = [step(*pair)[1] for pair in pairs]
+        return {k: float(np.mean([g[k] for g in logs])) for k in ("appearance", "ncc", "smoothness",
+                                                                  "folding_fraction")}
+
+    spec = model.step.spec()
+    out = {"checkpoint": a.checkpoint, "spec": spec, "pairs": a.pairs, "steps": a.steps, "patch": list(patch),
+           "checkpoint_deformer": evaluate(model.step), "runs": []}
+    print(f"checkpoint's deformer on {a.pairs} pairs: {out['checkpoint_deformer']}", flush=True)
+    for lr in a.lrs:
+        fresh = step_from_spec(copy.deepcopy(model.network), spec)  # a fresh deformer of the same spec
+        start = evaluate(fresh)
+        opt = torch.optim.Adam(fresh.deformer.parameters(), lr=lr)
+        t0 = time.perf_counter()
+        for i in range(a.steps):
+            loss, _ = fresh(*pairs[i % len(pairs)])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        end = evaluate(fresh)
+        run = {"lr": lr, "start": start, "end": end, "seconds": round(time.perf_counter() - t0, 1)}
+        out["runs"].append(run)
+        print(f"lr {lr:g}: appearance {start['appearance']:.4f} -> {end['appearance']:.4f}, ncc {start['ncc']:.4f} "
+              f"-> {end['ncc']:.4f}, smoothness {end['smoothness']:.5f}, folding {end['folding_fraction']:.5f} "
+              f"({run['seconds']} s)", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
