@@ -1,10 +1,11 @@
 """How fast can the deformer learn to register real pairs? (issue 13, finding 6)
 
 Takes a gemini_pretrain checkpoint and its dataset's unlabelled pool, freezes the network (its
-features of K fixed pairs are computed once), and trains a fresh deformer with the checkpoint's
-spec on the GEMINI loss alone, with Adam at each learning rate, for S steps cycling over the
-pairs. Prints the mean appearance term and local NCC of the pairs at the start and after S steps,
-for the checkpoint's own deformer too. A cheap probe (the network passes are done once): it
+features of 2K fixed pairs are computed once), and trains a fresh deformer with the checkpoint's
+spec on the GEMINI loss alone, with Adam at each learning rate, for S steps cycling over K of the
+pairs. Prints the mean appearance term and local NCC of the K training pairs and of the K held-out
+pairs (does it learn to register, or only these pairs?) at the start and after S steps, and of
+the checkpoint's own deformer. A cheap probe (the network passes are done once): it
 isolates the deformer's optimisation from everything else a pre-training does.
 
   PYTHONPATH=. nnUNet_raw=... nnUNet_preprocessed=... python benchmarks/probe_deformer_lr.py \
@@ -43,38 +44,45 @@ def main():
                               spatial_augmentation=False, intensity_augmentation=False)
     pairs = []
     with torch.no_grad(), DecoderFeatureTap(model.network) as tap:
-        for _ in range(a.pairs):
+        for _ in range(2 * a.pairs):
             batch = next(loader)
             model.network(torch.cat((batch["a"], batch["b"])).float())
             f = tap.pop().float()
             pairs.append((batch["a"].float(), batch["b"].float(), f[:1], f[1:]))
 
+    train, held_out = pairs[:a.pairs], pairs[a.pairs:]
+
     def evaluate(step):
+        out = {}
         with torch.no_grad():
-            logs = [step(*pair)[1] for pair in pairs]
-        return {k: float(np.mean([g[k] for g in logs])) for k in ("appearance", "ncc", "smoothness",
-                                                                  "folding_fraction")}
+            for name, group in (("train", train), ("held_out", held_out)):
+                logs = [step(*pair)[1] for pair in group]
+                out[name] = {k: float(np.mean([g[k] for g in logs]))
+                             for k in ("appearance", "ncc", "smoothness", "folding_fraction")}
+        return out
 
     spec = model.step.spec()
     out = {"checkpoint": a.checkpoint, "spec": spec, "pairs": a.pairs, "steps": a.steps, "patch": list(patch),
            "checkpoint_deformer": evaluate(model.step), "runs": []}
-    print(f"checkpoint's deformer on {a.pairs} pairs: {out['checkpoint_deformer']}", flush=True)
+    print(f"checkpoint's deformer on {a.pairs} + {a.pairs} pairs: {out['checkpoint_deformer']}", flush=True)
     for lr in a.lrs:
         fresh = step_from_spec(copy.deepcopy(model.network), spec)  # a fresh deformer of the same spec
         start = evaluate(fresh)
         opt = torch.optim.Adam(fresh.deformer.parameters(), lr=lr)
         t0 = time.perf_counter()
         for i in range(a.steps):
-            loss, _ = fresh(*pairs[i % len(pairs)])
+            loss, _ = fresh(*train[i % len(train)])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         end = evaluate(fresh)
         run = {"lr": lr, "start": start, "end": end, "seconds": round(time.perf_counter() - t0, 1)}
         out["runs"].append(run)
-        print(f"lr {lr:g}: appearance {start['appearance']:.4f} -> {end['appearance']:.4f}, ncc {start['ncc']:.4f} "
-              f"-> {end['ncc']:.4f}, smoothness {end['smoothness']:.5f}, folding {end['folding_fraction']:.5f} "
-              f"({run['seconds']} s)", flush=True)
+        for name in ("train", "held_out"):
+            s0, s1 = start[name], end[name]
+            print(f"lr {lr:g} {name:8s}: appearance {s0['appearance']:.4f} -> {s1['appearance']:.4f}, ncc "
+                  f"{s0['ncc']:.4f} -> {s1['ncc']:.4f}, smoothness {s1['smoothness']:.5f}, folding "
+                  f"{s1['folding_fraction']:.5f} ({run['seconds']} s)", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)
