@@ -51,15 +51,22 @@ TRAINER_OF = {"nnUNetTrainer": "nnUNetTrainerEnvBudget"}   # reported name -> tr
 USES_PRETRAINING = {"nnUNetTrainerGEMINI", "nnUNetTrainerGEMINIFinetune"}
 USES_GEMINI_LOSS = {"nnUNetTrainerGEMINI", "nnUNetTrainerGEMINI_NoPretrain"}
 GEMINI_TRAINERS = USES_GEMINI_LOSS | {"nnUNetTrainerGEMINIFinetune"}  # read the nnUNet_gemini_* run options
-# ablation flag -> (trainer option it sets, how its row is labelled, the methods it applies to); an
-# ablation's runs are rows of their own, e.g. "nnUNetTrainerGEMINI (weight 0.3, warm-up 0.05 of the run)"
+# ablation flag -> (trainer option it sets, how its row is labelled, the methods it applies to, what it
+# is, its default in the trainers); an ablation's runs are rows of their own, e.g.
+# "nnUNetTrainerGEMINI (weight 0.3, warm-up 0.05 of the run)"
 ABLATIONS = {
-    "gemini_weight": ("nnUNet_gemini_weight", "weight {:g}", USES_GEMINI_LOSS),
-    "gemini_rampup": ("nnUNet_gemini_rampup", "ramp-up {:g} of the run", USES_GEMINI_LOSS),
-    "gemini_pair_positions": ("nnUNet_gemini_pair_positions", "pairs at {} positions", USES_GEMINI_LOSS),
-    "gemini_deformer_lr": ("nnUNet_gemini_deformer_lr", "deformer lr {:g}", USES_GEMINI_LOSS),
-    "gemini_lr": ("nnUNet_gemini_lr", "lr {:g}", GEMINI_TRAINERS),
-    "gemini_warmup": ("nnUNet_gemini_warmup", "warm-up {:g} of the run", GEMINI_TRAINERS),
+    "gemini_weight": ("nnUNet_gemini_weight", "weight {:g}", USES_GEMINI_LOSS, "the GEMINI loss weight W", "1.0"),
+    "gemini_rampup": ("nnUNet_gemini_rampup", "ramp-up {:g} of the run", USES_GEMINI_LOSS,
+                      "sigmoid ramp-up of the GEMINI weight over the first share S of the run", "no ramp-up"),
+    "gemini_pair_positions": ("nnUNet_gemini_pair_positions", "pairs at {} positions", USES_GEMINI_LOSS,
+                              "the two patches of a pair at the same relative position of their cases (the "
+                              "design) or at independent random positions", "same"),
+    "gemini_deformer_lr": ("nnUNet_gemini_deformer_lr", "deformer lr {:g}", USES_GEMINI_LOSS,
+                           "the deformer's own Adam learning rate", "1e-4, as released"),
+    "gemini_lr": ("nnUNet_gemini_lr", "lr {:g}", GEMINI_TRAINERS, "the network's initial SGD learning rate",
+                  "nnU-Net's 1e-2"),
+    "gemini_warmup": ("nnUNet_gemini_warmup", "warm-up {:g} of the run", GEMINI_TRAINERS,
+                      "linear warm-up of the network's learning rate over the first share S of the run", "none"),
 }
 DEFORMATIONS = ("diffeomorphic", "displacement")
 DEMO_ID = 991
@@ -132,7 +139,7 @@ class Benchmark:
         self.jobs = getattr(args, "jobs", 1)
         self.n_proc_da = training_n_proc_da(self.device, self.jobs, user_da)
         self.n_proc_da_pretrain = training_n_proc_da(self.device, 1, user_da)  # it runs alone
-        for var, _, _ in ABLATIONS.values():
+        for var, *_ in ABLATIONS.values():
             env.pop(var, None)  # only the flags set them, so a run's label always says what it trained with
         self.ablation = {k: getattr(args, k, None) for k in ABLATIONS}
         self.collection_mode = getattr(args, "collection", None) is not None
@@ -668,27 +675,14 @@ def _main(argv=None) -> int:
     p.add_argument("--budget", choices=list(BUDGETS), default="short", help=f"iteration budget ({_budget_help()})")
     for key in ("train_epochs", "train_iters", "val_iters", "pretrain_epochs", "pretrain_iters"):
         p.add_argument(f"--{key}", type=int, default=None, help=f"override the budget's {key.replace('_', ' ')}")
-    p.add_argument("--gemini_weight", type=float, default=None, metavar="W",
-                   help="ablation: nnUNet_gemini_weight for the methods with the GEMINI loss (nnUNetTrainerGEMINI, "
-                        "_NoPretrain); their runs become rows of their own, e.g. 'nnUNetTrainerGEMINI (weight 0.3)'. "
-                        "Default: the trainer's weight (1.0)")
-    p.add_argument("--gemini_rampup", type=float, default=None, metavar="S",
-                   help="ablation: nnUNet_gemini_rampup (sigmoid ramp-up of the GEMINI weight over the first share S "
-                        "of the run's iterations) for the same methods, rows of their own. Default: no ramp-up")
-    p.add_argument("--gemini_deformer_lr", type=float, default=None, metavar="LR",
-                   help="ablation: nnUNet_gemini_deformer_lr (the deformer's own Adam learning rate) for the same "
-                        "methods, rows of their own. Default: the trainer's (1e-4, as released)")
-    p.add_argument("--gemini_lr", type=float, default=None, metavar="LR",
-                   help="ablation: nnUNet_gemini_lr (the network's initial SGD learning rate) for every GEMINI "
-                        "trainer (Finetune included), rows of their own. Default: nnU-Net's 1e-2")
-    p.add_argument("--gemini_warmup", type=float, default=None, metavar="S",
-                   help="ablation: nnUNet_gemini_warmup (linear warm-up of the network's learning rate over the "
-                        "first share S of the run) for every GEMINI trainer, rows of their own. Default: none")
     from nnunet_gemini.pairs import PAIR_POSITIONS
-    p.add_argument("--gemini_pair_positions", choices=PAIR_POSITIONS, default=None,
-                   help="ablation: nnUNet_gemini_pair_positions for the same methods, rows of their own: the two "
-                        "patches of a GEMINI pair at the same relative position of their cases (the trainer "
-                        "default) or at independent random positions. Default: the trainer's")
+    for flag, (var, label, applies_to, what, default) in ABLATIONS.items():
+        who = "the methods with the GEMINI loss" if applies_to == USES_GEMINI_LOSS else "every GEMINI trainer"
+        kind = dict(choices=PAIR_POSITIONS) if flag == "gemini_pair_positions" else \
+            dict(type=float, metavar="S" if "share" in what else "W" if flag == "gemini_weight" else "LR")
+        p.add_argument(f"--{flag}", default=None, **kind,
+                       help=f"ablation: {var} ({what}) for {who}; their runs are rows of their own, labelled "
+                            f"'{label.split(' {')[0]} ...'. Default: the trainers' ({default})")
     p.add_argument("--reference_iters", type=int, default=None, metavar="K",
                    help="one extra nnUNetTrainer run per N (draw 0) with about K supervised iterations")
     p.add_argument("--registration", choices=("both", "diffeomorphic", "none"), default=None,
