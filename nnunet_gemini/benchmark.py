@@ -31,6 +31,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from nnunet_gemini.atomic import write_json_atomic
+from nnunet_gemini.choices import DEFORMATIONS, PAIR_POSITIONS
 from nnunet_gemini.errors import GeminiUserError, run_cli
 from nnunet_gemini.workflow import StageRunner, default_device, nnunet_folders, project_revision, score_predictions
 
@@ -68,7 +69,6 @@ ABLATIONS = {
     "gemini_warmup": ("nnUNet_gemini_warmup", "warm-up {:g} of the run", GEMINI_TRAINERS,
                       "linear warm-up of the network's learning rate over the first share S of the run", "none"),
 }
-DEFORMATIONS = ("diffeomorphic", "displacement")
 DEMO_ID = 991
 COLLECTION_FIRST_ID = 901  # --collection datasets: 901, 902, ... under -o (never the user's nnUNet_raw)
 CONFIGURATION = "3d_fullres"
@@ -675,7 +675,6 @@ def _main(argv=None) -> int:
     p.add_argument("--budget", choices=list(BUDGETS), default="short", help=f"iteration budget ({_budget_help()})")
     for key in ("train_epochs", "train_iters", "val_iters", "pretrain_epochs", "pretrain_iters"):
         p.add_argument(f"--{key}", type=int, default=None, help=f"override the budget's {key.replace('_', ' ')}")
-    from nnunet_gemini.pairs import PAIR_POSITIONS
     for flag, (var, label, applies_to, what, default) in ABLATIONS.items():
         who = "the methods with the GEMINI loss" if applies_to == USES_GEMINI_LOSS else "every GEMINI trainer"
         kind = dict(choices=PAIR_POSITIONS) if flag == "gemini_pair_positions" else \

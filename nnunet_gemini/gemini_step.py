@@ -24,11 +24,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from nnunet_gemini.choices import DEFORMATIONS  # noqa: F401  (re-exported: callers import it from here)
 from nnunet_gemini.errors import GeminiUserError
 from nnunet_gemini.losses import GeminiWeights, gemini_loss
 from nnunet_gemini.registration import folding_fraction, integrate_velocity
 
-DEFORMATIONS = ("diffeomorphic", "displacement")
 DEFAULT_BIDIRECTIONAL = False
 DEFAULT_INTEGRATION_STEPS = 7  # scaling-and-squaring steps of a velocity field
 

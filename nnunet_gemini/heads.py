@@ -12,12 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_gemini.choices import DEFAULT_DEFORMER_RESOLUTION, DEFORMER_RESOLUTIONS  # noqa: F401
 from nnunet_gemini.errors import GeminiUserError
 from nnunet_gemini.network import feature_channels, unwrap_network
 from nnunet_gemini.registration import resize_field
-
-DEFORMER_RESOLUTIONS = ("full", "half")
-DEFAULT_DEFORMER_RESOLUTION = "half"  # measured choice: see docs/design.md
 
 
 def network_ops(network: nn.Module) -> dict:

@@ -31,12 +31,9 @@ from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, 
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from threadpoolctl import threadpool_limits
 
+from nnunet_gemini.choices import PAIR_POSITIONS  # noqa: F401  (see choices: same | independent)
 from nnunet_gemini.errors import GeminiUserError
 
-# Where the two patches of a pair sit: "same" relative position of each case (the default: the
-# released code registered whole volumes, so a pair showed corresponding anatomy), or
-# "independent" random positions (an ablation of that correspondence).
-PAIR_POSITIONS = ("same", "independent")
 # Released GEMINI augmentation: rotation up to +-20 degrees per axis, scale 0.75-1.25.
 DEFAULT_ROTATION = (-20. / 360 * 2. * np.pi, 20. / 360 * 2. * np.pi)
 DEFAULT_SCALING = (0.75, 1.25)
@@ -68,12 +65,6 @@ def crop_at_relative_position(data, patch_size: Sequence[int], u: Sequence[float
     start = relative_start(data.shape[1:], patch_size, u)
     bbox = [[0, data.shape[0]]] + [[s, s + p] for s, p in zip(start, patch_size)]
     return crop_and_pad_nd(data, bbox, 0)
-
-
-def crop_pair_at_same_relative_position(data_a, data_b, patch_size: Sequence[int],
-                                        u: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
-    """Crop A and B to (C, *patch_size) at the same relative position u of each."""
-    return crop_at_relative_position(data_a, patch_size, u), crop_at_relative_position(data_b, patch_size, u)
 
 
 def build_shared_spatial_transforms(patch_size: Sequence[int],

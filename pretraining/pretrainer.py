@@ -48,6 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nnunet_gemini import checkpoints, datasets, unlabeled
+from nnunet_gemini.choices import PRETRAIN_DEFAULTS, RESTORATION_MODES
 from nnunet_gemini.degradation import models_genesis_damage
 from nnunet_gemini.devices import default_device, resolve_device
 from nnunet_gemini.errors import GeminiUserError, warn_user
@@ -68,9 +69,6 @@ from nnunet_gemini.registration import warp
 from .progress import PretrainLogger, is_interactive, save_pair_figure, save_restoration_figure
 
 RESTORATION_WEIGHT = 100.0  # released weight of the Models Genesis MSE
-RESTORATION_MODES = ("joint", "separate")
-DEFAULT_EPOCHS, DEFAULT_ITERS_PER_EPOCH, DEFAULT_LR = 800, 250, 1e-4
-DEFAULT_SAVE_EVERY, DEFAULT_MAX_NONFINITE, DEFAULT_EXAMPLE_EVERY = 5, 10, 10
 
 
 @dataclass
@@ -83,22 +81,22 @@ class PretrainOptions:
     num_gpus: int = 1
     num_processes: int = 1  # pool preprocessing workers (-np)
     continue_training: bool = False
-    epochs: int = DEFAULT_EPOCHS
-    iters_per_epoch: int = DEFAULT_ITERS_PER_EPOCH
+    epochs: int = PRETRAIN_DEFAULTS["epochs"]
+    iters_per_epoch: int = PRETRAIN_DEFAULTS["iters_per_epoch"]
     batch_size: Optional[int] = None  # pairs per iteration over all ranks; None: plans' batch // 2
-    lr: float = DEFAULT_LR
-    deformation: str = "diffeomorphic"
+    lr: float = PRETRAIN_DEFAULTS["lr"]
+    deformation: str = PRETRAIN_DEFAULTS["deformation"]
     unlabeled_dirs: List[str] = field(default_factory=list)
     include_test_images: bool = False
     restoration: bool = True
-    restoration_mode: str = "joint"
+    restoration_mode: str = PRETRAIN_DEFAULTS["restoration_mode"]
     strict: bool = False
     output_dir: Optional[str] = None
-    save_every: int = DEFAULT_SAVE_EVERY
-    max_nonfinite: int = DEFAULT_MAX_NONFINITE
-    example_every: int = DEFAULT_EXAMPLE_EVERY
+    save_every: int = PRETRAIN_DEFAULTS["save_every"]
+    max_nonfinite: int = PRETRAIN_DEFAULTS["max_nonfinite"]
+    example_every: int = PRETRAIN_DEFAULTS["example_every"]
     compile: bool = False
-    seed: int = 12345
+    seed: int = PRETRAIN_DEFAULTS["seed"]
     patch_size: Optional[List[int]] = None  # API only (tests, benchmarks): overrides the plans' patch
 
 

@@ -25,9 +25,8 @@ import sys
 from dataclasses import asdict
 from typing import Optional
 
+from nnunet_gemini.choices import DEFORMATIONS, PRETRAIN_DEFAULTS, RESTORATION_MODES
 from nnunet_gemini.errors import GeminiUserError, run_cli
-
-DEFAULTS_TEXT = dict(epochs=800, iters_per_epoch=250, lr=1e-4, save_every=5, max_nonfinite=10, example_every=10)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -38,7 +37,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # defaults mirrored from pretrainer (not imported: --help must not import torch)
+    # defaults and choices from nnunet_gemini.choices (torch-free: --help must not import torch)
     p = argparse.ArgumentParser(
         prog="gemini_pretrain", formatter_class=_HelpFormatter,
         description="GEMINI self-supervised pre-training (deformable homeomorphism + semantic similarity "
@@ -56,14 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes for preprocessing the unlabelled pool (default: nnUNet_def_n_proc or 8)")
     p.add_argument("--c", dest="continue_training", action="store_true",
                    help="continue from checkpoint_latest.pth of the output folder")
-    p.add_argument("--epochs", type=int, default=DEFAULTS_TEXT["epochs"], help="epochs")
-    p.add_argument("--iters_per_epoch", type=int, default=DEFAULTS_TEXT["iters_per_epoch"],
+    p.add_argument("--epochs", type=int, default=PRETRAIN_DEFAULTS["epochs"], help="epochs")
+    p.add_argument("--iters_per_epoch", type=int, default=PRETRAIN_DEFAULTS["iters_per_epoch"],
                    help="iterations per epoch (default total: 2e5, as released)")
     p.add_argument("--batch_size", type=int, default=None,
                    help="pairs per iteration over all processes (default: half the plans' batch size, "
                         "at least 1)")
-    p.add_argument("--lr", type=float, default=DEFAULTS_TEXT["lr"], help="Adam learning rate (constant)")
-    p.add_argument("--deformation", default="diffeomorphic", choices=("diffeomorphic", "displacement"),
+    p.add_argument("--lr", type=float, default=PRETRAIN_DEFAULTS["lr"], help="Adam learning rate (constant)")
+    p.add_argument("--deformation", default=PRETRAIN_DEFAULTS["deformation"], choices=DEFORMATIONS,
                    help="deformation model: velocity field integrated by scaling and squaring, or the "
                         "released direct displacement")
     p.add_argument("--unlabeled_dir", dest="unlabeled_dirs", nargs="+", action="extend", default=[],
@@ -72,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(restoration=True)  # before add_argument: the help then says "default: on", not True
     p.add_argument("--no_restoration", dest="restoration", action="store_false", default=argparse.SUPPRESS,
                    help="turn off the Models Genesis restoration task (default: on)")
-    p.add_argument("--restoration_mode", default="joint", choices=("joint", "separate"),
+    p.add_argument("--restoration_mode", default=PRETRAIN_DEFAULTS["restoration_mode"], choices=RESTORATION_MODES,
                    help="joint: one forward and one step for both losses; separate: the released two "
                         "forwards and two optimiser steps per iteration")
     p.add_argument("--preprocess_only", action="store_true", help="stop after preprocessing the pool")
@@ -81,14 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="output_dir", default=None,
                    help="output folder (default: nnUNet_results/DatasetXXX/GEMINIPretrain__<plans>__"
                         "<configuration>/fold_all)")
-    p.add_argument("--save_every", type=int, default=DEFAULTS_TEXT["save_every"],
+    p.add_argument("--save_every", type=int, default=PRETRAIN_DEFAULTS["save_every"],
                    help="epochs between checkpoint_latest.pth saves (--c loses at most this many)")
-    p.add_argument("--max_nonfinite", type=int, default=DEFAULTS_TEXT["max_nonfinite"],
+    p.add_argument("--max_nonfinite", type=int, default=PRETRAIN_DEFAULTS["max_nonfinite"],
                    help="non-finite losses in a row (each update skipped) before training stops")
-    p.add_argument("--example_every", type=int, default=DEFAULTS_TEXT["example_every"],
+    p.add_argument("--example_every", type=int, default=PRETRAIN_DEFAULTS["example_every"],
                    help="epochs between example PNGs (pair registration, restoration)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; also nnUNet_compile=1)")
-    p.add_argument("--seed", type=int, default=12345, help="random seed")
+    p.add_argument("--seed", type=int, default=PRETRAIN_DEFAULTS["seed"], help="random seed")
     return p
 
 

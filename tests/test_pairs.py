@@ -5,14 +5,18 @@ import pytest
 import torch
 
 from nnunet_gemini.errors import GeminiUserError
-from nnunet_gemini.pairs import crop_pair_at_same_relative_position, make_pair_loader, relative_start
+from nnunet_gemini.pairs import crop_at_relative_position, make_pair_loader, relative_start
+
+
+def crop_pair(a, b, patch, u):
+    return crop_at_relative_position(a, patch, u), crop_at_relative_position(b, patch, u)
 
 
 def test_crop_same_relative_position_known_arrays():
     a = np.arange(10 * 12 * 14, dtype=np.float32).reshape(1, 10, 12, 14) + 1
     b = np.arange(20 * 12 * 6, dtype=np.float32).reshape(1, 20, 12, 6) + 1
     u = (0.0, 0.5, 1.0)
-    ca, cb = crop_pair_at_same_relative_position(a, b, (4, 6, 8), u)
+    ca, cb = crop_pair(a, b, (4, 6, 8), u)
     assert relative_start(a.shape[1:], (4, 6, 8), u) == [0, 3, 6]
     np.testing.assert_array_equal(ca, a[:, 0:4, 3:9, 6:14])
     # b is 6 wide along z, the patch 8: start round(1 * (6 - 8)) = -2 -> two zero planes first
@@ -20,7 +24,7 @@ def test_crop_same_relative_position_known_arrays():
     np.testing.assert_array_equal(cb[..., 2:], b[:, 0:4, 3:9, :])
     assert (cb[..., :2] == 0).all()
     # u = 1 along x puts the patch at the far end of each case
-    ca, cb = crop_pair_at_same_relative_position(a, b, (4, 6, 6), (1.0, 0.0, 0.0))
+    ca, cb = crop_pair(a, b, (4, 6, 6), (1.0, 0.0, 0.0))
     np.testing.assert_array_equal(ca, a[:, 6:10, 0:6, 0:6])
     np.testing.assert_array_equal(cb, b[:, 16:20, 0:6, 0:6])
 

@@ -155,11 +155,10 @@ def _trainer(tmp_path, **kw):
 
 def _fixed_pair(t):
     """Two different pool cases, centre 16^3 patches: the same pair every iteration."""
-    from nnunet_gemini.pairs import crop_pair_at_same_relative_position
+    from nnunet_gemini.pairs import crop_at_relative_position
     from nnunet_gemini.unlabeled import load_pool_dataset, pool_folder_for
     ds = load_pool_dataset(pool_folder_for(t.dataset_name, "nnUNetPlans", "3d_fullres"), t.case_ids[:2])
-    a, b = crop_pair_at_same_relative_position(ds.load_case(t.case_ids[0])[0], ds.load_case(t.case_ids[1])[0],
-                                               (16, 16, 16), (0.5, 0.5, 0.5))
+    a, b = (crop_at_relative_position(ds.load_case(c)[0], (16, 16, 16), (0.5, 0.5, 0.5)) for c in t.case_ids[:2])
     return {"a": torch.from_numpy(a[None].copy()).float(), "b": torch.from_numpy(b[None].copy()).float()}
 
 

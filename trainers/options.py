@@ -9,9 +9,8 @@ import os
 from dataclasses import dataclass, fields
 from typing import Optional
 
+from nnunet_gemini.choices import DEFORMATIONS, PAIR_POSITIONS
 from nnunet_gemini.errors import GeminiUserError
-from nnunet_gemini.gemini_step import DEFORMATIONS
-from nnunet_gemini.pairs import PAIR_POSITIONS
 
 PREFIX = "nnUNet_gemini_"
 _CHOICES = {"deformation": DEFORMATIONS, "pair_positions": PAIR_POSITIONS}

@@ -1,0 +1,15 @@
+"""The option values and defaults that command lines, trainer options and modules share, in one
+torch-free place: argparse and the options reader import them without importing torch, and the
+modules that act on them import the same names."""
+
+DEFORMATIONS = ("diffeomorphic", "displacement")   # velocity field + scaling and squaring, or the released one
+DEFORMER_RESOLUTIONS = ("full", "half")
+DEFAULT_DEFORMER_RESOLUTION = "half"  # measured choice: see docs/design.md
+# Where the two patches of a pair sit: "same" relative position of each case (the default: the
+# released code registered whole volumes, so a pair showed corresponding anatomy), or
+# "independent" random positions (an ablation of that correspondence).
+PAIR_POSITIONS = ("same", "independent")
+RESTORATION_MODES = ("joint", "separate")  # one forward and step for both losses, or the released two
+# gemini_pretrain's defaults (800 x 250 = 2e5 iterations and Adam 1e-4, as released)
+PRETRAIN_DEFAULTS = dict(epochs=800, iters_per_epoch=250, lr=1e-4, save_every=5, max_nonfinite=10,
+                         example_every=10, seed=12345, deformation="diffeomorphic", restoration_mode="joint")
