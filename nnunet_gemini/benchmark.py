@@ -74,6 +74,7 @@ COLLECTION_FIRST_ID = 901  # --collection datasets: 901, 902, ... under -o (neve
 CONFIGURATION = "3d_fullres"
 PLANS = "nnUNetPlans"
 RESULTS_JSON, RESULTS_MD, RESULTS_PNG = "results.json", "results.md", "results.png"
+ZERO_FIELD = "zero field (same pipeline)"  # registration record of a deformer whose field is 0
 
 
 def budget_iterations(budget: dict) -> int:
@@ -414,6 +415,27 @@ class Benchmark:
                "seconds": round(time.time() - t0, 1), "per_pair": summary["pairs"]}
         self.results["registration"][key] = out
         self._save()
+        if ZERO_FIELD not in self.results["registration"]:
+            self.zero_field_dice(model, images, labels, what)
+        return out
+
+    def zero_field_dice(self, model, images: Path, labels: Path, what: str) -> dict:
+        """The deformer's own contribution's floor: the same registration pipeline (nnU-Net's
+        preprocessing of both images, the moving one resampled onto the fixed grid by relative
+        position) with a zero field. "unregistered" compares the labels in physical space instead;
+        on crops of different extent the two differ, so both are reported."""
+        import torch
+
+        from nnunet_gemini.register import register_folder
+        with torch.no_grad():
+            model.step.deformer.out.weight.zero_()  # the field is 0 everywhere: displacement 0, exp(0) = identity
+            model.step.deformer.out.bias.zero_()
+        summary = register_folder(model, str(images), str(labels), None, write_images=False)
+        dice = [p["dice"]["mean"] for p in summary["pairs"]]
+        out = {"pairs": len(dice), "pairs_of": what, "dice_mean": float(np.nanmean(dice)),
+               "dice_std": float(np.nanstd(dice)), "per_pair": summary["pairs"]}
+        self.results["registration"][ZERO_FIELD] = out
+        self._save()
         return out
 
     def unregistered_dice(self) -> dict:
@@ -580,11 +602,12 @@ def write_reports(results: dict, out: Path, methods, ns, iterations: int) -> Non
         lines += ["", f"Registration of {what} with the pre-trained deformer (gemini_register): warped-label "
                   "mean foreground Dice and fraction of voxels with Jacobian determinant <= 0:", "",
                   "| model | pairs | warped-label Dice | folding fraction (mean / max) |", "|---|---|---|---|"]
-        for name in sorted(reg, key=lambda k: (k != "unregistered", k)):
+        for name in sorted(reg, key=lambda k: (k != "unregistered", k != ZERO_FIELD, k)):
             r = reg[name]
             folding = (f"{r['folding_fraction_mean']:.5f} / {r['folding_fraction_max']:.5f}"
                        if "folding_fraction_mean" in r else "–")
-            label = name if name == "unregistered" else f"{name} ({r['pretrain_iterations']} pre-train it)"
+            label = name if name in ("unregistered", ZERO_FIELD) else \
+                f"{name} ({r['pretrain_iterations']} pre-train it)"
             lines.append(f"| {label} | {r['pairs']} | {r['dice_mean']:.3f} ± {r['dice_std']:.3f} | {folding} |")
     (out / RESULTS_MD).write_text("\n".join(lines) + "\n")
     _plot(table, refs, ns, out / RESULTS_PNG, results)

@@ -88,6 +88,7 @@ def test_reports_aggregate_over_draws(tmp_path):
                         run("nnUNetTrainerGEMINI", 1, 0, 0.8), run("nnUNetTrainer", 1, 0, 0.1, iterations=50),
                         run("nnUNetTrainer", 1, 0, 0.9, iterations=1000, reference=True)],
                "registration": {"unregistered": {"pairs": 2, "dice_mean": 0.4, "dice_std": 0.1},
+                                "zero field (same pipeline)": {"pairs": 2, "dice_mean": 0.6, "dice_std": 0.02},
                                 "diffeomorphic": {"pairs": 2, "dice_mean": 0.7, "dice_std": 0.05,
                                                   "folding_fraction_mean": 0.001, "folding_fraction_max": 0.002,
                                                   "pretrain_iterations": 1}}}
@@ -97,6 +98,8 @@ def test_reports_aggregate_over_draws(tmp_path):
     assert "| nnUNetTrainerGEMINI | 0.800 ± 0.000 (1) | – | 10 |" in lines
     assert any(line.startswith("| nnUNetTrainer, reference 1000 it") and "0.900" in line for line in lines)
     assert any(line.startswith("| diffeomorphic") and "0.700 ± 0.050" in line and "0.00100" in line for line in lines)
+    registration = [line.split(" |")[0] for line in lines if line.startswith(("| unregistered", "| zero", "| diff"))]
+    assert registration == ["| unregistered", "| zero field (same pipeline)", "| diffeomorphic (1 pre-train it)"]
     assert (tmp_path / "results.png").is_file()
 
 
