@@ -98,7 +98,7 @@ def test_reports_aggregate_over_draws(tmp_path):
     assert "| nnUNetTrainerGEMINI | 0.800 ± 0.000 (1) | – | 10 |" in lines
     assert any(line.startswith("| nnUNetTrainer, reference 1000 it") and "0.900" in line for line in lines)
     assert any(line.startswith("| diffeomorphic") and "0.700 ± 0.050" in line and "0.00100" in line for line in lines)
-    registration = [line.split(" |")[0] for line in lines if line.startswith(("| unregistered", "| zero", "| diff"))]
+    registration = [line.split(" |")[0] for line in lines if line.startswith(("| unregistered", "| zero", "| diffeo"))]
     assert registration == ["| unregistered", "| zero field (same pipeline)", "| diffeomorphic (1 pre-train it)"]
     assert (tmp_path / "results.png").is_file()
 
