@@ -14,7 +14,6 @@ finished run is written atomically into OUT/results.json and skipped by a later 
 Markdown table (results.md) and plot (results.png) are rebuilt from it every time.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -32,6 +31,7 @@ import numpy as np
 
 from nnunet_gemini.atomic import write_json_atomic
 from nnunet_gemini.choices import DEFORMATIONS, PAIR_POSITIONS
+from nnunet_gemini.datasets import dataset_id_of
 from nnunet_gemini.errors import GeminiUserError, run_cli
 from nnunet_gemini.workflow import StageRunner, default_device, nnunet_folders, project_revision, score_predictions
 
@@ -173,7 +173,7 @@ class Benchmark:
     # ------------------------------------------------------------------ datasets
     def _plan(self, dataset_name: str) -> dict:
         """The dataset's plans, planned and preprocessed by nnU-Net's own planner when not yet."""
-        from nnunet_gemini.datasets import dataset_id_of, is_preprocessed, load_json
+        from nnunet_gemini.datasets import is_preprocessed, load_json
         pre = Path(self.folders["nnUNet_preprocessed"]) / dataset_name
         plans_file = pre / f"{PLANS}.json"
         if not plans_file.is_file() or not is_preprocessed(str(pre), load_json(str(plans_file)), CONFIGURATION):
@@ -184,7 +184,7 @@ class Benchmark:
         return load_json(str(plans_file))
 
     def prepare_dataset(self) -> None:
-        from nnunet_gemini.datasets import dataset_id_of, load_json, resolve_dataset
+        from nnunet_gemini.datasets import load_json, resolve_dataset
         os.environ.update(self.folders)  # nnunet_gemini.datasets reads the variables at call time
         self.results = self._load_results({"dataset_arg": self.a.d, "seed": self.a.seed})
         dataset = self.a.d
@@ -220,7 +220,7 @@ class Benchmark:
         coll = collection.read_collection(a.collection, a.channel_name)
         manifest = collection.file_manifest(coll)
         self.results = self._load_results({
-            "collection_sha256": collection.manifest_digest(manifest), "split_seed": a.split_seed,
+            "collection_sha256": collection.json_digest(manifest), "split_seed": a.split_seed,
             "test_cases": a.test_cases, "pool_cases": a.pool_cases, "selection_cases": a.selection_cases,
             "channel_names": coll.channel_names})
         split = collection.draw_split(coll.case_ids, a.test_cases, a.pool_cases, a.selection_cases, a.n, a.draws,
@@ -248,7 +248,7 @@ class Benchmark:
                 collection.build_dataset(coll, labels, split, d["train"], self.folders["nnUNet_raw"], record["id"],
                                          record["name"][len(dataset_prefix(record["id"])):])
             signature = collection.plans_signature(self._plan(record["name"]), CONFIGURATION)
-            digest = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
+            digest = collection.json_digest(signature)[:16]
             groups.setdefault(digest, record["name"])
             record["plans_signature"] = digest
             self.cells[(d["n"], d["draw"])] = dict(dataset_name=record["name"], raw=raw, fold="all",
@@ -265,15 +265,14 @@ class Benchmark:
 
     def _pretrain_checkpoint(self, deformation: str, dataset_name: str) -> Path:
         if deformation == "diffeomorphic":  # the standard place, where the trainers look for it
-            from nnunet_gemini.pretrained import FINAL_CHECKPOINT, PRETRAIN_TRAINER_NAME
-            return Path(self.folders["nnUNet_results"], dataset_name, f"{PRETRAIN_TRAINER_NAME}__{PLANS}__"
-                        f"{CONFIGURATION}", "fold_all", FINAL_CHECKPOINT)
+            from nnunet_gemini.pretrained import FINAL_CHECKPOINT, pretrain_output_dir
+            return Path(pretrain_output_dir(dataset_name, PLANS, CONFIGURATION, self.folders["nnUNet_results"]),
+                        FINAL_CHECKPOINT)
         folder = "pretrain_displacement" + (f"_{dataset_name}" if self.collection_mode else "")
         return self.out / folder / "checkpoint_final.pth"
 
     def pretrain(self, deformation: str, dataset_name: str) -> dict:
         """One gemini_pretrain run on `dataset_name` (recorded; reused by a later call)."""
-        from nnunet_gemini.datasets import dataset_id_of
         key = self._pretraining_key(deformation, dataset_name)
         record = self.results["pretraining"].get(key)
         iterations = self.budget["pretrain_epochs"] * self.budget["pretrain_iters"]
@@ -311,7 +310,6 @@ class Benchmark:
     def preprocess_pools(self, runs: List[dict]) -> None:
         """Every unlabelled pool a training of this call uses, built before any training starts:
         with --jobs two trainings of one dataset would otherwise both build it at first use."""
-        from nnunet_gemini.datasets import dataset_id_of
         from nnunet_gemini.unlabeled import MANIFEST_NAME, pool_folder_for
         names = sorted({self.cells[(r["n"], r["draw"])]["dataset_name"] for r in runs
                         if r["method"] in USES_GEMINI_LOSS})
@@ -325,7 +323,6 @@ class Benchmark:
         pred_dir = self.out / "predictions" / tag
         if pred_dir.exists():
             shutil.rmtree(pred_dir)  # leftovers of an interrupted call
-        from nnunet_gemini.datasets import dataset_id_of
         predict = ["nnUNetv2_predict", "-i", str(cell["raw"] / images), "-o", str(pred_dir), "-d",
                    str(dataset_id_of(cell["dataset_name"])), "-c", CONFIGURATION, "-p", PLANS, "-f", str(cell["fold"]),
                    "-tr", trainer, "-device", self.device, "-npp", "1", "-nps", "1"] + \
@@ -362,7 +359,6 @@ class Benchmark:
                **{ABLATIONS[k][0]: str(v) for k, v in ablation.items()}}
         if self.n_proc_da is not None:
             env["nnUNet_n_proc_DA"] = self.n_proc_da
-        from nnunet_gemini.datasets import dataset_id_of
         train_s = self.run(f"train_{tag}", ["nnUNetv2_train", str(dataset_id_of(cell["dataset_name"])), CONFIGURATION,
                                             str(cell["fold"]), "-tr", trainer, "-p", PLANS, "-device", self.device],
                            extra_env=env)

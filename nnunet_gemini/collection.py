@@ -202,8 +202,9 @@ def file_manifest(coll: Collection) -> List[dict]:
     return sorted(entries, key=lambda e: e["file"])
 
 
-def manifest_digest(manifest: List[dict]) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+def json_digest(obj) -> str:
+    """sha256 of a JSON-able object, key order aside (the file manifest, a plans signature)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def draw_split(case_ids: Sequence[str], test: int, pool: int, selection: int, ns: Sequence[int], draws: int,

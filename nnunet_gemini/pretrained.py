@@ -19,10 +19,13 @@ FORMAT_VERSION = 1
 SKIPPED_NETWORK_KEYS = (".seg_layers.",)
 
 
-def pretrain_output_dir(dataset_name: str, plans_identifier: str, configuration: str) -> str:
-    """nnUNet_results/DatasetXXX/GEMINIPretrain__<plans>__<configuration>/fold_all"""
+def pretrain_output_dir(dataset_name: str, plans_identifier: str, configuration: str,
+                        results_root: Optional[str] = None) -> str:
+    """nnUNet_results/DatasetXXX/GEMINIPretrain__<plans>__<configuration>/fold_all (results_root:
+    another nnUNet_results folder than the environment's)."""
     from nnunet_gemini.datasets import require_env_folder
-    return os.path.join(require_env_folder("nnUNet_results", must_exist=False), dataset_name,
+    root = results_root or require_env_folder("nnUNet_results", must_exist=False)
+    return os.path.join(root, dataset_name,
                         f"{PRETRAIN_TRAINER_NAME}__{plans_identifier}__{configuration}", "fold_all")
 
 
