@@ -423,10 +423,17 @@ class Benchmark:
         import torch
 
         from nnunet_gemini.register import register_folder
+        out_layer = model.step.deformer.out
+        kept = out_layer.weight.detach().clone(), out_layer.bias.detach().clone()
         with torch.no_grad():
-            model.step.deformer.out.weight.zero_()  # the field is 0 everywhere: displacement 0, exp(0) = identity
-            model.step.deformer.out.bias.zero_()
-        summary = register_folder(model, str(images), str(labels), None, write_images=False)
+            out_layer.weight.zero_()  # the field is 0 everywhere: displacement 0, exp(0) = identity
+            out_layer.bias.zero_()
+        try:
+            summary = register_folder(model, str(images), str(labels), None, write_images=False)
+        finally:  # the caller's model comes back as it was given
+            with torch.no_grad():
+                out_layer.weight.copy_(kept[0])
+                out_layer.bias.copy_(kept[1])
         dice = [p["dice"]["mean"] for p in summary["pairs"]]
         out = {"pairs": len(dice), "pairs_of": what, "dice_mean": float(np.nanmean(dice)),
                "dice_std": float(np.nanstd(dice)), "per_pair": summary["pairs"]}

@@ -68,8 +68,9 @@ class GeminiStep(nn.Module):
             raw_ba = self.deformer(feat_b, feat_a).float()
             return raw_ab, raw_ba, raw_ab, raw_ba
         raw_ba = self.deformer(feat_b, feat_a).float() if self.bidirectional else -raw_ab
-        return (integrate_velocity(raw_ab, self.integration_steps),
-                integrate_velocity(raw_ba, self.integration_steps), raw_ab, raw_ba)
+        # both integrations in one batch (each sample as alone: the values of two separate calls)
+        disp_ab, disp_ba = integrate_velocity(torch.cat((raw_ab, raw_ba)), self.integration_steps).chunk(2)
+        return disp_ab, disp_ba, raw_ab, raw_ba
 
     def forward(self, img_a: torch.Tensor, img_b: torch.Tensor, feat_a: torch.Tensor, feat_b: torch.Tensor):
         disp_ab, disp_ba, raw_ab, raw_ba = self.fields(feat_a, feat_b)

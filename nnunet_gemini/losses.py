@@ -9,7 +9,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from nnunet_gemini.registration import float32_math, validity_mask, warp
+from nnunet_gemini.registration import float32_math, validity_mask, warp, warp_routed
 
 NCC_EPS = 1e-8  # relative: in units of (global variance of I) * (global variance of J)
 
@@ -207,15 +207,25 @@ def gemini_loss(img_a: torch.Tensor, img_b: torch.Tensor, feat_a: torch.Tensor, 
     reg_ba = disp_ba if reg_ba is None else reg_ba
     with float32_math(img_a.device):
         img_a, img_b, feat_a, feat_b = img_a.float(), img_b.float(), feat_a.float(), feat_b.float()
-        disp_ab, disp_ba = disp_ab.float(), disp_ba.float()
-        m_ab, m_ba = validity_mask(disp_ab), validity_mask(disp_ba)
-
-        appearance = (local_ncc_loss(warp(img_a, disp_ab), img_b, m_ab, ncc_window)
-                      + local_ncc_loss(warp(img_b, disp_ba), img_a, m_ba, ncc_window))
-        semantic_feature = (masked_cosine_loss(warp(feat_a, disp_ab.detach()), feat_b, m_ab)
-                            + masked_cosine_loss(warp(feat_b, disp_ba.detach()), feat_a, m_ba))
-        semantic_flow = (masked_cosine_loss(warp(feat_a.detach(), disp_ab), feat_b.detach(), m_ab)
-                         + masked_cosine_loss(warp(feat_b.detach(), disp_ba), feat_a.detach(), m_ba))
+        if img_a.shape != img_b.shape or feat_a.shape != feat_b.shape or disp_ab.shape != disp_ba.shape:
+            raise ValueError(f"gemini_loss: the two sides of a pair must share shapes, got images "
+                             f"{tuple(img_a.shape)}/{tuple(img_b.shape)}, features {tuple(feat_a.shape)}/"
+                             f"{tuple(feat_b.shape)}, fields {tuple(disp_ab.shape)}/{tuple(disp_ba.shape)}")
+        # both directions in one sampling call each (ATen's CPU sampler parallelises over the batch
+        # only); every sample is computed as alone, so the values are those of separate calls
+        disp = torch.cat((disp_ab.float(), disp_ba.float()))
+        m_ab, m_ba = validity_mask(disp).chunk(2)
+        a_in_b, b_in_a = warp(torch.cat((img_a, img_b)), disp).chunk(2)
+        appearance = (local_ncc_loss(a_in_b, img_b, m_ab, ncc_window)
+                      + local_ncc_loss(b_in_a, img_a, m_ba, ncc_window))
+        # the semantic branches need warp(f, sg(u)) and warp(sg(f), u): one sampling, routed twice
+        to_features, to_fields = warp_routed(torch.cat((feat_a, feat_b)), disp)
+        fa_in_b, fb_in_a = to_features.chunk(2)
+        semantic_feature = (masked_cosine_loss(fa_in_b, feat_b, m_ab)
+                            + masked_cosine_loss(fb_in_a, feat_a, m_ba))
+        fa_in_b, fb_in_a = to_fields.chunk(2)
+        semantic_flow = (masked_cosine_loss(fa_in_b, feat_b.detach(), m_ab)
+                         + masked_cosine_loss(fb_in_a, feat_a.detach(), m_ba))
         semantic = weights.semantic_feature * semantic_feature + weights.semantic_flow * semantic_flow
         smoothness = smoothness_loss(reg_ab, smoothness_kind) + smoothness_loss(reg_ba, smoothness_kind)
         total = weights.smoothness * smoothness + weights.semantic * semantic + weights.appearance * appearance

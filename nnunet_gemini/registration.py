@@ -79,6 +79,45 @@ def warp(x: torch.Tensor, disp: torch.Tensor, mode: str = "linear", padding: str
     return out
 
 
+class _RoutedSample(torch.autograd.Function):
+    """grid_sample sampled once, returned twice: the first copy's gradient reaches only the input,
+    the second's only the grid (ATen's sampler backward, one output mask each)."""
+
+    @staticmethod
+    def forward(ctx, x, grid, mode: int, padding: int):
+        sample = torch.ops.aten.grid_sampler_3d if x.ndim == 5 else torch.ops.aten.grid_sampler_2d
+        out = sample(x, grid, mode, padding, True)
+        ctx.save_for_backward(x, grid)
+        ctx.modes = (mode, padding)
+        ctx.set_materialize_grads(False)  # an unused copy's gradient stays None: no sampler backward for it
+        return out, out.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_to_input, grad_to_grid):
+        x, grid = ctx.saved_tensors
+        backward = (torch.ops.aten.grid_sampler_3d_backward if x.ndim == 5 else
+                    torch.ops.aten.grid_sampler_2d_backward)
+        grad_x = grad_grid = None
+        if ctx.needs_input_grad[0] and grad_to_input is not None:
+            grad_x = backward(grad_to_input.contiguous(), x, grid, *ctx.modes, True, [True, False])[0]
+        if ctx.needs_input_grad[1] and grad_to_grid is not None:
+            grad_grid = backward(grad_to_grid.contiguous(), x, grid, *ctx.modes, True, [False, True])[1]
+        return grad_x, grad_grid, None, None
+
+
+def warp_routed(x: torch.Tensor, disp: torch.Tensor):
+    """(warp(x, sg(disp)), warp(sg(x), disp)) for one linear, zero-padded sampling: two tensors of
+    equal value, the first passing gradients only to x, the second only to disp (sg = stop-gradient).
+    GEMINI's semantic terms need both routings of the same warp; this samples it once."""
+    _check_field(disp)
+    if not torch.is_tensor(x) or x.ndim != disp.ndim or x.shape[0] != disp.shape[0] or x.shape[2:] != disp.shape[2:]:
+        raise ValueError(f"x must be (B, C, *spatial) sharing batch size and spatial shape with disp "
+                         f"{tuple(disp.shape)}, got shape {tuple(getattr(x, 'shape', ()))}")
+    with float32_math(x.device):
+        return _RoutedSample.apply(x.float(), _sampling_grid(disp.float()), 0, 0)  # 0, 0: bilinear, zeros
+
+
 def validity_mask(disp: torch.Tensor) -> torch.Tensor:
     """(B, 1, *spatial) float32, detached: 1 where p + disp(p) lies inside [0, n-1] on every axis.
 

@@ -20,7 +20,7 @@ from nnunet_gemini.gemini_step import (
 from nnunet_gemini.heads import Deformer, build_deformer
 from nnunet_gemini.losses import GeminiWeights
 from nnunet_gemini.network import DecoderFeatureTap
-from nnunet_gemini.registration import compose
+from nnunet_gemini.registration import compose, integrate_velocity
 
 OPS_2D = dict(conv_op=nn.Conv2d, norm_op=nn.InstanceNorm2d, norm_op_kwargs={"eps": 1e-5, "affine": True},
               nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
@@ -206,3 +206,19 @@ def test_deformer_learns_a_known_deformation(resolution, bidirectional):
     assert logs["appearance"] < 0.5 * first
     assert epe < magnitude / 3, (float(epe), float(magnitude))
     assert logs["folding_fraction"] == 0.0
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_both_integrations_in_one_batch_equal_two_separate_calls(bidirectional):
+    torch.manual_seed(5)
+    net = tiny_unet()
+    deformer = build_deformer(net)
+    nn.init.normal_(deformer.out.weight, std=0.05)
+    with DecoderFeatureTap(net) as tap:
+        net(torch.randn(4, 1, 16, 16))
+        feats = tap.pop()
+    step = GeminiStep(deformer, bidirectional=bidirectional)
+    disp_ab, disp_ba, raw_ab, raw_ba = step.fields(feats[:2], feats[2:])
+    assert raw_ab.abs().max() > 0.1
+    assert torch.equal(disp_ab, integrate_velocity(raw_ab, step.integration_steps))
+    assert torch.equal(disp_ba, integrate_velocity(raw_ba, step.integration_steps))

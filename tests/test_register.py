@@ -239,3 +239,154 @@ def test_weights_that_do_not_fit_the_network_are_refused_naming_the_file_and_the
     with pytest.raises(GeminiUserError, match=rf"results .*checkpoint_final\.pth: weight '{key}' has shape .*: the "
                                               rf"network was built from .*plans\.json, which nnU-Net wrote beside it"):
         load_from_trainer_results(name, device="cpu")
+
+
+# crops of the fixed image (numpy order z, y, x) of three shapes; the demo image is nonzero
+# everywhere, so preprocessing keeps each crop whole, and they are small, so registering them is quick
+CROPS = {"a": (slice(4, 16), slice(8, 24), slice(8, 24)), "b": (slice(8, 16), slice(4, 20), slice(4, 28)),
+         "c": (slice(2, 18), slice(10, 18), slice(10, 26))}
+
+
+@pytest.fixture(scope="module")
+def shaped_cases(shifted_pair):
+    """Cases of other shapes than the shifted pair's: the CROPS of `fixed` (each keeps its place in
+    space) in `crops`, and a folder `zero` of `fixed`, `moving` (one preprocessed shape) and crop b;
+    labels CASE.nii.gz in `shaped_labels`."""
+    import shutil
+
+    import SimpleITK as sitk
+
+    p = shifted_pair
+    crops, zero, labels = p["root"] / "crops", p["root"] / "zero", p["root"] / "shaped_labels"
+    for folder in (crops, zero, labels):
+        folder.mkdir()
+    for case in ("fixed", "moving"):
+        shutil.copy(p["folder"] / f"{case}_0000.nii.gz", zero)
+        shutil.copy(p["labels"] / f"{case}.nii.gz", labels)
+    for case, (z, y, x) in CROPS.items():
+        sitk.WriteImage(p["fixed"][x, y, z], str(crops / f"{case}_0000.nii.gz"))  # sitk indexes (x, y, z)
+        sitk.WriteImage(p["fixed_label"][x, y, z], str(labels / f"{case}.nii.gz"))
+    shutil.copy(crops / "b_0000.nii.gz", zero)
+    return dict(p, crops=crops, zero=zero, shaped_labels=labels)
+
+
+def _field_of_features(checkpoint):
+    """The shifted pair's model with a deformer whose field depends on the features (seeded random
+    last conv), so features of the wrong case or grid change the result."""
+    import torch
+
+    from nnunet_gemini.register import load_from_pretrain_checkpoint
+
+    model = load_from_pretrain_checkpoint(checkpoint, "cpu")
+    out = model.step.deformer.out
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out.weight.copy_(0.05 * torch.randn(out.weight.shape, generator=g))
+        out.bias.zero_()
+    return model
+
+
+def test_cached_features_stay_on_each_case_grid_whatever_the_pair_order(shaped_cases, monkeypatch):
+    """register_cases caches a case's features on its own grid only: a moving case of another shape
+    is resampled onto the fixed grid and its features there are not cached. Cases of three shapes
+    registered in turn as moving and fixed keep features of their own grid, and a pair registered
+    after others gives exactly what it gives registered first with freshly prepared cases."""
+    import SimpleITK as sitk
+
+    from nnunet_gemini.register import prepare_case, register_cases
+
+    p = shaped_cases
+    monkeypatch.setenv("nnUNet_preprocessed", p["env"]["nnUNet_preprocessed"])
+    model = _field_of_features(p["checkpoint"])
+    files = {c: [str(p["crops"] / f"{c}_0000.nii.gz")] for c in CROPS}
+    label = {c: str(p["shaped_labels"] / f"{c}.nii.gz") for c in CROPS}
+    prepared = {c: prepare_case(model, files[c]) for c in CROPS}
+    shape = {c: tuple(case.data.shape[1:]) for c, case in prepared.items()}
+    assert shape == {c: tuple(s.stop - s.start for s in crop) for c, crop in CROPS.items()}  # three grids
+
+    # a is a moving case (resampled onto b's grid) before it is a fixed one (c -> a); b and c are
+    # moving cases after they were fixed ones (their cache must stay); then the reverse of each
+    # pair, with every cache filled; and the first pair once more
+    first = [("a", "b"), ("b", "c"), ("c", "a")]
+    order = first + [(f, m) for m, f in first] + [first[0]]
+    results = []
+    for m, f in order:
+        results.append(register_cases(model, prepared[m], prepared[f], label[m], label[f]))
+        for c, case in prepared.items():
+            if case.features is not None:
+                assert tuple(case.features.shape[2:]) == shape[c], (m, f, c)
+    assert all(case.features is not None for case in prepared.values())
+    assert len({round(r.dice["mean"], 6) for r in results[:6]}) == 6  # six pairs, six results
+
+    def assert_same(alone, after, pair):
+        assert np.array_equal(sitk.GetArrayFromImage(alone.displacement_mm),
+                              sitk.GetArrayFromImage(after.displacement_mm)), pair
+        assert alone.folding_fraction == after.folding_fraction, pair
+        assert json.dumps(alone.dice) == json.dumps(after.dice), pair  # NaN (absent structure) compares too
+
+    assert_same(results[0], results[-1], order[0])  # registered first with fresh cases, and after all the others
+    for (m, f), after in zip(order[3:6], results[3:6]):
+        alone = register_cases(model, prepare_case(model, files[m]), prepare_case(model, files[f]), label[m],
+                               label[f])
+        assert_same(alone, after, (m, f))
+
+
+def test_zero_field_record_is_the_pipeline_with_an_identity_field(shaped_cases, tmp_path, monkeypatch):
+    """Benchmark.zero_field_dice zeroes the deformer's last conv (the checkpoint's deformer outputs
+    SHIFT): every field is exactly 0, nothing folds, and each pair's warped-label Dice is the
+    moving label carried onto the fixed grid by the preprocessing alone (displacement_field_mm of
+    a zero field); the record goes into results.json under ZERO_FIELD, one entry per ordered pair."""
+    import itertools
+
+    import SimpleITK as sitk
+    import torch
+
+    from nnunet_gemini.benchmark import RESULTS_JSON, ZERO_FIELD, Benchmark
+    from nnunet_gemini.register import (
+        displacement_field_mm,
+        label_dice,
+        load_from_pretrain_checkpoint,
+        prepare_case,
+        warp_with_field,
+    )
+
+    p = shaped_cases
+    monkeypatch.setenv("nnUNet_preprocessed", p["env"]["nnUNet_preprocessed"])
+    model = load_from_pretrain_checkpoint(p["checkpoint"], "cpu")
+    fields, real = [], model.step.fields
+    monkeypatch.setattr(model.step, "fields", lambda a, b: fields.append(real(a, b)) or fields[-1])
+    bench = Benchmark.__new__(Benchmark)  # what zero_field_dice uses: the results and where they are saved
+    bench.results_path, bench.results = tmp_path / RESULTS_JSON, {"registration": {}}
+    before = {k: v.clone() for k, v in model.step.deformer.state_dict().items()}
+    out = bench.zero_field_dice(model, p["zero"], p["shaped_labels"], "the test's cases")
+    after = model.step.deformer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the caller's deformer is given back unchanged
+
+    cases = ["b", "fixed", "moving"]  # the folder's, in register_folder's order
+    assert out["pairs"] == len(cases) * (len(cases) - 1) == len(out["per_pair"]) == len(fields)
+    assert [(q["moving"], q["fixed"]) for q in out["per_pair"]] == list(itertools.permutations(cases, 2))
+    assert all(torch.count_nonzero(t) == 0 for f in fields for t in f)  # every field, raw and integrated
+    assert all(q["folding_fraction"] == 0.0 for q in out["per_pair"])
+    dice = [q["dice"]["mean"] for q in out["per_pair"]]
+    assert out["pairs_of"] == "the test's cases"
+    assert (out["dice_mean"], out["dice_std"]) == (float(np.nanmean(dice)), float(np.nanstd(dice)))
+    written = json.loads((tmp_path / RESULTS_JSON).read_text())["registration"]
+    assert list(written) == [ZERO_FIELD] and json.dumps(written[ZERO_FIELD]) == json.dumps(out)
+
+    labels = model.dataset_json["labels"]
+    prepared = {c: prepare_case(model, [str(p["zero"] / f"{c}_0000.nii.gz")]) for c in cases}
+    read = {c: sitk.ReadImage(str(p["shaped_labels"] / f"{c}.nii.gz")) for c in cases}
+    for q in out["per_pair"]:
+        moving, fixed = prepared[q["moving"]], prepared[q["fixed"]]
+        zero = torch.zeros(1, 3, *fixed.data.shape[1:])
+        field_mm = sitk.GetImageFromArray(displacement_field_mm(fixed, moving, zero), isVector=True)
+        field_mm.CopyInformation(fixed.images[0])
+        warped = warp_with_field(read[q["moving"]], fixed.images[0], field_mm, sitk.sitkNearestNeighbor)
+        expected = label_dice(sitk.GetArrayFromImage(warped), sitk.GetArrayFromImage(read[q["fixed"]]), labels)
+        assert json.dumps(q["dice"]) == json.dumps(expected), q
+    # the shifted pair (one preprocessed shape) without its shift, either way: the label against itself rolled
+    label = sitk.GetArrayFromImage(p["fixed_label"])
+    unshifted = label_dice(np.roll(label, SHIFT, axis=(0, 1, 2)), label, labels)
+    for q in out["per_pair"]:
+        if {q["moving"], q["fixed"]} == {"moving", "fixed"}:
+            assert json.dumps(q["dice"]) == json.dumps(unshifted), q

@@ -12,6 +12,7 @@ from nnunet_gemini.registration import (
     resize_field,
     validity_mask,
     warp,
+    warp_routed,
 )
 
 SHAPES = [(2, 3, 7, 9), (2, 2, 5, 8, 6)]
@@ -166,3 +167,22 @@ def test_autocast_keeps_float32():
         out = warp(x, disp)
     assert out.dtype == torch.float32
     assert torch.allclose(out, x.float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_routed_warp_is_warp_with_each_stop_gradient(shape):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=g).requires_grad_()
+    disp = _smooth_field((shape[0], len(shape) - 2) + shape[2:], 2.0, g).requires_grad_()
+    up_x, up_disp = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    to_x, to_disp = warp_routed(x, disp)
+    assert torch.equal(to_x, warp(x, disp.detach())) and torch.equal(to_disp, warp(x.detach(), disp))
+    got = torch.autograd.grad((to_x * up_x).sum() + (to_disp * up_disp).sum(), [x, disp])
+    want = torch.autograd.grad((warp(x, disp.detach()) * up_x).sum() + (warp(x.detach(), disp) * up_disp).sum(),
+                               [x, disp])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # each copy reaches only its own input
+    assert torch.autograd.grad(warp_routed(x, disp)[0].sum(), [x, disp], allow_unused=True)[1] is None
+    assert torch.autograd.grad(warp_routed(x, disp)[1].sum(), [x, disp], allow_unused=True)[0] is None
+    with pytest.raises(ValueError, match="spatial shape"):
+        warp_routed(x[..., :-1], disp)
