@@ -442,6 +442,9 @@ class GeminiPretrainer:
                         f"{o.epochs} epochs x {o.iters_per_epoch} iterations; Adam lr {o.lr}; deformation "
                         f"{o.deformation}; restoration {'off' if not o.restoration else o.restoration_mode}; "
                         f"device {self.device}; mixed precision {self.use_amp}")
+        if self.device.type == "cpu":
+            from nnunet_gemini.cpu_allocator import keep_freed_memory
+            self.logger.log(keep_freed_memory())
 
     def run(self) -> str:
         """Train to options.epochs; returns the path of checkpoint_final.pth."""

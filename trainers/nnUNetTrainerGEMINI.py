@@ -287,6 +287,9 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         super().on_train_start()
         self._check_room_for_a_checkpoint()
         self._log_weights_in_use()
+        if self.device.type == "cpu":  # the allocator setting gemini_pretrain uses on a CPU too
+            from nnunet_gemini.cpu_allocator import keep_freed_memory
+            self.print_to_log_file(keep_freed_memory())
         if self.gemini_semi_supervised:
             self.pair_loader = self._start_pair_loader()
 
