@@ -3,14 +3,14 @@
 Takes a gemini_pretrain checkpoint and its dataset's unlabelled pool, freezes the network (its
 features of 2K fixed pairs are computed once), and trains a fresh deformer with the checkpoint's
 spec on the GEMINI loss alone, with Adam at each learning rate, for S steps cycling over K of the
-pairs. Prints the mean appearance term and local NCC of the K training pairs and of the K held-out
-pairs (does it learn to register, or only these pairs?) at the start and after S steps, and of
-the checkpoint's own deformer. A cheap probe (the network passes are done once): it
+pairs. Prints the mean appearance term and local NCC of the K training pairs and of H held-out
+pairs (does it learn to register, or only these pairs?) at the start, every E steps and after S
+steps, and of the checkpoint's own deformer. A cheap probe (the network passes are done once): it
 isolates the deformer's optimisation from everything else a pre-training does.
 
   PYTHONPATH=. nnUNet_raw=... nnUNet_preprocessed=... python benchmarks/probe_deformer_lr.py \
       --checkpoint .../GEMINIPretrain__nnUNetPlans__3d_fullres/fold_all/checkpoint_final.pth --pool FOLDER \
-      --pairs 4 --steps 100 --lrs 1e-4 1e-3 1e-2
+      --pairs 4 --steps 100 --lrs 1e-4 1e-3 1e-2 [--held_out 8 --eval_every 50]
 """
 import argparse
 import copy
@@ -25,7 +25,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--pool", required=True, help="the dataset's <data_identifier>_gemini_unlabeled folder")
-    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--pairs", type=int, default=4, help="training pairs K")
+    p.add_argument("--held_out", type=int, default=None, help="held-out pairs H (default: K)")
+    p.add_argument("--eval_every", type=int, default=None, help="also evaluate every E steps (default: end only)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
     p.add_argument("--seed", type=int, default=0)
@@ -44,7 +46,8 @@ def main():
                               spatial_augmentation=False, intensity_augmentation=False)
     pairs = []
     with torch.no_grad(), DecoderFeatureTap(model.network) as tap:
-        for _ in range(2 * a.pairs):
+        held = a.pairs if a.held_out is None else a.held_out
+        for _ in range(a.pairs + held):
             batch = next(loader)
             model.network(torch.cat((batch["a"], batch["b"])).float())
             f = tap.pop().float()
@@ -62,21 +65,27 @@ def main():
         return out
 
     spec = model.step.spec()
-    out = {"checkpoint": a.checkpoint, "spec": spec, "pairs": a.pairs, "steps": a.steps, "patch": list(patch),
+    out = {"checkpoint": a.checkpoint, "spec": spec, "pairs": a.pairs, "held_out": len(held_out), "steps": a.steps,
+           "eval_every": a.eval_every, "patch": list(patch),
            "checkpoint_deformer": evaluate(model.step), "runs": []}
-    print(f"checkpoint's deformer on {a.pairs} + {a.pairs} pairs: {out['checkpoint_deformer']}", flush=True)
+    print(f"checkpoint's deformer on {a.pairs} + {len(held_out)} pairs: {out['checkpoint_deformer']}", flush=True)
     for lr in a.lrs:
         fresh = step_from_spec(copy.deepcopy(model.network), spec)  # a fresh deformer of the same spec
         start = evaluate(fresh)
         opt = torch.optim.Adam(fresh.deformer.parameters(), lr=lr)
         t0 = time.perf_counter()
+        curve = []
         for i in range(a.steps):
             loss, _ = fresh(*train[i % len(train)])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if a.eval_every and (i + 1) % a.eval_every == 0 and i + 1 < a.steps:
+                curve.append({"step": i + 1, **evaluate(fresh)})
+                print(f"lr {lr:g} step {i + 1}: ncc train {curve[-1]['train']['ncc']:.4f}, held-out "
+                      f"{curve[-1]['held_out']['ncc']:.4f}", flush=True)
         end = evaluate(fresh)
-        run = {"lr": lr, "start": start, "end": end, "seconds": round(time.perf_counter() - t0, 1)}
+        run = {"lr": lr, "start": start, "curve": curve, "end": end, "seconds": round(time.perf_counter() - t0, 1)}
         out["runs"].append(run)
         for name in ("train", "held_out"):
             s0, s1 = start[name], end[name]
