@@ -442,9 +442,6 @@ class GeminiPretrainer:
                         f"{o.epochs} epochs x {o.iters_per_epoch} iterations; Adam lr {o.lr}; deformation "
                         f"{o.deformation}; restoration {'off' if not o.restoration else o.restoration_mode}; "
                         f"device {self.device}; mixed precision {self.use_amp}")
-        if self.device.type == "cpu":
-            from nnunet_gemini.cpu_allocator import keep_freed_memory
-            self.logger.log(keep_freed_memory())
 
     def run(self) -> str:
         """Train to options.epochs; returns the path of checkpoint_final.pth."""
@@ -458,6 +455,9 @@ class GeminiPretrainer:
         self.damage_generator.manual_seed(self.options.seed + 7919 * self.rank + self.epoch)
         loader = self.build_loader(seed=self.options.seed + 1000 * self.epoch + 100003 * self.rank)
         self.log_options()
+        if self.device.type == "cpu":  # the allocator setting the trainers use on a CPU too
+            from nnunet_gemini.cpu_allocator import keep_freed_memory
+            self.logger.log(keep_freed_memory())
         self.model.train()
         batch = None
         try:
