@@ -52,6 +52,16 @@ def _sampling_grid(disp: torch.Tensor) -> torch.Tensor:
     return normalised.movedim(1, -1).flip(-1)
 
 
+def _check_image_and_field(x, disp: torch.Tensor) -> None:
+    ndim = _check_field(disp)
+    if not torch.is_tensor(x) or x.ndim != disp.ndim:
+        raise ValueError(f"x must be (B, C, *spatial) with {ndim} spatial dims like disp "
+                         f"{tuple(disp.shape)}, got shape {tuple(getattr(x, 'shape', ()))}")
+    if x.shape[0] != disp.shape[0] or x.shape[2:] != disp.shape[2:]:
+        raise ValueError(f"x {tuple(x.shape)} and disp {tuple(disp.shape)} must share batch size and "
+                         f"spatial shape")
+
+
 def warp(x: torch.Tensor, disp: torch.Tensor, mode: str = "linear", padding: str = "zeros") -> torch.Tensor:
     """Backward warp: out(p) = x(p + disp(p)); (B, C, *spatial) -> same shape.
 
@@ -60,17 +70,11 @@ def warp(x: torch.Tensor, disp: torch.Tensor, mode: str = "linear", padding: str
     with "nearest" come back in their own dtype (labels stay labels).
     Along an axis of size 1 the displacement is ignored (there is only one voxel to sample).
     """
-    ndim = _check_field(disp)
     if mode not in _MODES:
         raise ValueError(f"warp mode must be one of {sorted(_MODES)}, got {mode!r}")
     if padding not in _PADDINGS:
         raise ValueError(f"warp padding must be one of {_PADDINGS}, got {padding!r}")
-    if not torch.is_tensor(x) or x.ndim != disp.ndim:
-        raise ValueError(f"x must be (B, C, *spatial) with {ndim} spatial dims like disp "
-                         f"{tuple(disp.shape)}, got shape {tuple(getattr(x, 'shape', ()))}")
-    if x.shape[0] != disp.shape[0] or x.shape[2:] != disp.shape[2:]:
-        raise ValueError(f"x {tuple(x.shape)} and disp {tuple(disp.shape)} must share batch size and "
-                         f"spatial shape")
+    _check_image_and_field(x, disp)
     with float32_math(x.device):
         out = F.grid_sample(x.float(), _sampling_grid(disp.float()), mode=_MODES[mode],
                             padding_mode=padding, align_corners=True)
@@ -110,10 +114,7 @@ def warp_routed(x: torch.Tensor, disp: torch.Tensor):
     """(warp(x, sg(disp)), warp(sg(x), disp)) for one linear, zero-padded sampling: two tensors of
     equal value, the first passing gradients only to x, the second only to disp (sg = stop-gradient).
     GEMINI's semantic terms need both routings of the same warp; this samples it once."""
-    _check_field(disp)
-    if not torch.is_tensor(x) or x.ndim != disp.ndim or x.shape[0] != disp.shape[0] or x.shape[2:] != disp.shape[2:]:
-        raise ValueError(f"x must be (B, C, *spatial) sharing batch size and spatial shape with disp "
-                         f"{tuple(disp.shape)}, got shape {tuple(getattr(x, 'shape', ()))}")
+    _check_image_and_field(x, disp)
     with float32_math(x.device):
         return _RoutedSample.apply(x.float(), _sampling_grid(disp.float()), 0, 0)  # 0, 0: bilinear, zeros
 
