@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from typing import Callable
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc malloc.h
 _USER_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
@@ -37,3 +38,10 @@ def keep_freed_memory() -> str:
         return "glibc malloc: mallopt refused the setting, allocator left alone"
     _applied = True
     return APPLIED
+
+
+def for_training_on(device, log: Callable[[str], None]) -> None:
+    """The allocator policy both training loops (gemini_pretrain, the trainers) follow: on a CPU keep
+    freed memory and log what was done; on a GPU the caching allocator already reuses memory."""
+    if getattr(device, "type", device) == "cpu":
+        log(keep_freed_memory())

@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nnunet_gemini import checkpoints, datasets, unlabeled
+from nnunet_gemini import checkpoints, cpu_allocator, datasets, unlabeled
 from nnunet_gemini.choices import PRETRAIN_DEFAULTS, RESTORATION_MODES
 from nnunet_gemini.degradation import models_genesis_damage
 from nnunet_gemini.devices import default_device, resolve_device
@@ -455,9 +455,7 @@ class GeminiPretrainer:
         self.damage_generator.manual_seed(self.options.seed + 7919 * self.rank + self.epoch)
         loader = self.build_loader(seed=self.options.seed + 1000 * self.epoch + 100003 * self.rank)
         self.log_options()
-        if self.device.type == "cpu":  # the allocator setting the trainers use on a CPU too
-            from nnunet_gemini.cpu_allocator import keep_freed_memory
-            self.logger.log(keep_freed_memory())
+        cpu_allocator.for_training_on(self.device, self.logger.log)
         self.model.train()
         batch = None
         try:

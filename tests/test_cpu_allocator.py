@@ -3,6 +3,7 @@ alone where the user tunes glibc's malloc or there is no glibc."""
 import ctypes
 
 import pytest
+import torch  # imported before the fixture fakes ctypes.CDLL, which torch's import uses
 
 from nnunet_gemini import cpu_allocator
 
@@ -49,3 +50,11 @@ def test_left_alone_without_glibc(libc, monkeypatch):
     libc.result = 0
     monkeypatch.setattr(ctypes, "CDLL", lambda name: libc)
     assert "refused" in cpu_allocator.keep_freed_memory() and not cpu_allocator._applied
+
+
+def test_training_loops_apply_it_on_a_cpu_only(libc):
+    lines = []
+    cpu_allocator.for_training_on(torch.device("cuda", 0), lines.append)
+    assert lines == [] and libc.calls == []  # a GPU run keeps glibc's defaults
+    cpu_allocator.for_training_on(torch.device("cpu"), lines.append)
+    assert lines == [cpu_allocator.APPLIED] and len(libc.calls) == 2

@@ -36,6 +36,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import autocast
 
+from nnunet_gemini import cpu_allocator
 from nnunet_gemini.errors import GeminiUserError
 from nnunet_gemini.guarded_step import GRAD_CLIP, TEST_NONFINITE_ENV, Group, GuardedStep
 from nnunet_gemini.trainers.options import (
@@ -287,9 +288,7 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         super().on_train_start()
         self._check_room_for_a_checkpoint()
         self._log_weights_in_use()
-        if self.device.type == "cpu":  # the allocator setting gemini_pretrain uses on a CPU too
-            from nnunet_gemini.cpu_allocator import keep_freed_memory
-            self.print_to_log_file(keep_freed_memory())
+        cpu_allocator.for_training_on(self.device, self.print_to_log_file)
         if self.gemini_semi_supervised:
             self.pair_loader = self._start_pair_loader()
 

@@ -1,0 +1,83 @@
+"""Are a pre-training's features collapsed? (issue 13: why does the pre-trained start learn slowly?)
+
+GSS, the semantic term, has no negatives: it is minimised by features that are the same at every
+voxel. This probe computes, on P patches of the pool, the last decoder stage's features f (the
+GEMINI features, the segmentation layer's input) of each network given and of a fresh nnU-Net
+initialisation of the same plans, and prints per network:
+  spatial share   var over voxels / (var + mean^2), per channel, averaged: 0 = constant features
+  mean cosine     of the feature vectors of random voxel pairs of a patch: 1 = all aligned
+  effective rank  exp(entropy) of the voxel covariance's eigenvalue shares, of C channels
+  participation   (sum l)^2 / sum l^2 of the same eigenvalues
+
+  PYTHONPATH=. nnUNet_raw=... nnUNet_preprocessed=... python benchmarks/probe_feature_rank.py \
+      --checkpoint .../GEMINIPretrain__nnUNetPlans__3d_fullres/fold_all/checkpoint_final.pth --pool FOLDER \
+      [--also .../checkpoint_latest.pth ...] [--patches 8] [--json OUT]
+"""
+import argparse
+import json
+
+import numpy as np
+import torch
+
+
+def feature_figures(f: torch.Tensor, rng: np.random.Generator) -> dict:
+    """f: (C, voxels) features of one patch."""
+    f = f.double()
+    mean, var = f.mean(1), f.var(1, unbiased=False)
+    spatial = float((var / (var + mean ** 2).clamp_min(1e-12)).mean())
+    idx = rng.integers(0, f.shape[1], size=(2, 4096))
+    unit = f / f.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    cosine = float((unit[:, idx[0]] * unit[:, idx[1]]).sum(0).mean())
+    centred = f - mean[:, None]
+    eig = torch.linalg.eigvalsh(centred @ centred.T / f.shape[1]).clamp_min(0)
+    share = eig / eig.sum().clamp_min(1e-30)
+    entropy = float(-(share[share > 0] * share[share > 0].log()).sum())
+    return {"spatial_share": spatial, "mean_cosine": cosine, "effective_rank": float(np.exp(entropy)),
+            "participation": float(eig.sum() ** 2 / (eig ** 2).sum().clamp_min(1e-30)),
+            "channel_norm": float(f.norm(dim=0).mean())}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a gemini_pretrain checkpoint (its plans build the network)")
+    p.add_argument("--also", nargs="*", default=[], help="further gemini_pretrain checkpoints of the same plans")
+    p.add_argument("--pool", required=True, help="the dataset's <data_identifier>_gemini_unlabeled folder")
+    p.add_argument("--patches", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    torch.manual_seed(a.seed)
+    from nnunet_gemini import unlabeled
+    from nnunet_gemini.network import DecoderFeatureTap, build_segmentation_network
+    from nnunet_gemini.pairs import make_pair_loader
+    from nnunet_gemini.register import load_from_pretrain_checkpoint
+
+    model = load_from_pretrain_checkpoint(a.checkpoint, torch.device("cpu"))
+    patch = model.configuration_manager.patch_size
+    loader = make_pair_loader(unlabeled.load_pool_dataset(a.pool, unlabeled.pool_case_ids(a.pool)), 1, patch,
+                              spatial_augmentation=False, intensity_augmentation=False)
+    images = torch.cat([next(loader)["a"].float() for _ in range(a.patches)])
+    fresh = build_segmentation_network(model.plans_manager, model.configuration_manager, images.shape[1],
+                                       model.network.decoder.seg_layers[-1].out_channels)
+    networks = {"fresh nnU-Net init": fresh, a.checkpoint: model.network}
+    for path in a.also:
+        networks[path] = load_from_pretrain_checkpoint(path, torch.device("cpu")).network
+    out = {"patch": list(patch), "patches": a.patches, "networks": {}}
+    for name, net in networks.items():
+        net.eval()
+        rng = np.random.default_rng(a.seed)
+        with torch.no_grad(), DecoderFeatureTap(net) as tap:
+            net(images)
+            f = tap.pop().float()
+        per_patch = [feature_figures(f[i].flatten(1), rng) for i in range(f.shape[0])]
+        figures = {k: float(np.mean([x[k] for x in per_patch])) for k in per_patch[0]}
+        out["networks"][name] = figures
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()) + f" (of {f.shape[1]} channels)",
+              flush=True)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
