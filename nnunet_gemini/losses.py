@@ -241,3 +241,20 @@ def restoration_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"restoration_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     with float32_math(pred.device):
         return F.mse_loss(pred.float(), target.float())
+
+
+def decorrelation_loss(feats: torch.Tensor) -> torch.Tensor:
+    """Mean squared off-diagonal correlation of the feature channels over each sample's voxels
+    (VICReg's covariance term on correlations): 0 for decorrelated channels, 1 when every channel
+    is the same signal up to scale. GSS has no negatives; this term keeps its features from
+    collapsing into a few dimensions. feats: (B, C, *spatial) with C >= 2."""
+    if feats.ndim < 3 or feats.shape[1] < 2:
+        raise ValueError(f"decorrelation_loss: feats {tuple(feats.shape)} is not (B, C >= 2, *spatial)")
+    with float32_math(feats.device):
+        f = feats.float().flatten(2)
+        f = f - f.mean(2, keepdim=True)
+        f = f / f.pow(2).mean(2, keepdim=True).add(1e-6).sqrt()
+        corr = f @ f.transpose(1, 2) / f.shape[2]  # (B, C, C), unit diagonal
+        c = corr.shape[1]
+        off = corr.pow(2).sum((1, 2)) - torch.diagonal(corr, dim1=1, dim2=2).pow(2).sum(1)
+        return (off / (c * (c - 1))).mean()

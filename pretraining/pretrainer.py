@@ -61,7 +61,7 @@ from nnunet_gemini.gemini_step import (
 )
 from nnunet_gemini.guarded_step import GRAD_CLIP, Group, GuardedStep
 from nnunet_gemini.heads import build_deformer, build_restoration_head
-from nnunet_gemini.losses import restoration_loss
+from nnunet_gemini.losses import decorrelation_loss, restoration_loss
 from nnunet_gemini.network import DecoderFeatureTap, build_segmentation_network
 from nnunet_gemini.pretrained import FINAL_CHECKPOINT, FORMAT_VERSION, LATEST_CHECKPOINT, pretrain_output_dir
 from nnunet_gemini.registration import warp
@@ -90,6 +90,7 @@ class PretrainOptions:
     include_test_images: bool = False
     restoration: bool = True
     restoration_mode: str = PRETRAIN_DEFAULTS["restoration_mode"]
+    decorrelation: float = PRETRAIN_DEFAULTS["decorrelation"]  # weight of the features' decorrelation term
     strict: bool = False
     output_dir: Optional[str] = None
     save_every: int = PRETRAIN_DEFAULTS["save_every"]
@@ -127,11 +128,13 @@ class PretrainModel(nn.Module):
     """Network + GEMINI step (which owns the deformer) + restoration head as ONE module, so a
     single DDP wrapper covers every trained parameter and every forward goes through it."""
 
-    def __init__(self, network: nn.Module, gemini: GeminiStep, restoration_head: Optional[nn.Module]):
+    def __init__(self, network: nn.Module, gemini: GeminiStep, restoration_head: Optional[nn.Module],
+                 decorrelation: float = 0.0):
         super().__init__()
         self.network = network
         self.gemini = gemini
         self.restoration_head = restoration_head
+        self.decorrelation = decorrelation
         self.tap = DecoderFeatureTap(network)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,6 +152,12 @@ class PretrainModel(nn.Module):
         feats = self.features(torch.cat([a, b] + ([damaged] if damaged is not None else [])))
         loss, logs = self.gemini(a, b, feats[:p], feats[p:2 * p])
         logs = dict(logs)
+        # how collapsed the pair's features are, logged at any weight (GSS alone lets them collapse)
+        with contextlib.nullcontext() if self.decorrelation > 0 else torch.no_grad():
+            decorrelation = decorrelation_loss(feats[:2 * p])
+        if self.decorrelation > 0:
+            loss = loss + self.decorrelation * decorrelation
+        logs["decorrelation"] = decorrelation.detach()
         if damaged is not None:
             rest = restoration_loss(self.restoration_head(feats[2 * p:]), target)
             loss = loss + RESTORATION_WEIGHT * rest
@@ -217,7 +226,7 @@ class GeminiPretrainer:
         # the spec's defaults (measured resolution; one pass + inverse for diffeomorphic) and --deformation
         gemini = step_from_spec(network, deformer_spec(self.options.deformation))
         head = build_restoration_head(network, self.num_input_channels) if self.options.restoration else None
-        self.model = PretrainModel(network, gemini, head).to(self.device)
+        self.model = PretrainModel(network, gemini, head, self.options.decorrelation).to(self.device)
         self.trained_parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.trained_parameters, lr=self.options.lr)
         self.scaler = torch.amp.GradScaler("cuda") if self.use_amp else None
@@ -441,6 +450,7 @@ class GeminiPretrainer:
                         f"{self.total_pairs} pair(s)/iteration over {self.world_size} process(es); "
                         f"{o.epochs} epochs x {o.iters_per_epoch} iterations; Adam lr {o.lr}; deformation "
                         f"{o.deformation}; restoration {'off' if not o.restoration else o.restoration_mode}; "
+                        f"decorrelation weight {o.decorrelation:g}; "
                         f"device {self.device}; mixed precision {self.use_amp}")
 
     def run(self) -> str:
@@ -474,7 +484,7 @@ class GeminiPretrainer:
                                                "lr": self.optimizer.param_groups[0]["lr"]})
                 self.logger.log("  ".join(f"{k} {means[k]:.4f}" for k in
                                           ("loss", "total", "appearance", "semantic", "smoothness",
-                                           "restoration", "ncc", "folding_fraction", "epoch_time_s")
+                                           "restoration", "decorrelation", "ncc", "folding_fraction", "epoch_time_s")
                                           if k in means and math.isfinite(means[k])))
                 last = self.epoch == self.options.epochs
                 if self.epoch % self.options.save_every == 0 or last:

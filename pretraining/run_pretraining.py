@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restoration_mode", default=PRETRAIN_DEFAULTS["restoration_mode"], choices=RESTORATION_MODES,
                    help="joint: one forward and one step for both losses; separate: the released two "
                         "forwards and two optimiser steps per iteration")
+    p.add_argument("--decorrelation", type=float, default=PRETRAIN_DEFAULTS["decorrelation"],
+                   help="weight of a decorrelation term on the features' channels (0: off, as released; "
+                        "GSS has no negatives, so without it the features may collapse into few dimensions)")
     p.add_argument("--preprocess_only", action="store_true", help="stop after preprocessing the pool")
     p.add_argument("--strict", action="store_true",
                    help="unreadable or non-finite pool images are errors instead of skipped cases")
@@ -99,6 +102,8 @@ def options_from_args(args: argparse.Namespace):
             raise GeminiUserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.batch_size is not None and args.batch_size < 1:
         raise GeminiUserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if not args.decorrelation >= 0:
+        raise GeminiUserError(f"--decorrelation must be >= 0 (0: off), got {args.decorrelation}")
     if not args.lr > 0:
         raise GeminiUserError(f"--lr must be > 0, got {args.lr}")
     num_processes = args.num_processes or int(os.environ.get("nnUNet_def_n_proc", 8))
@@ -109,7 +114,7 @@ def options_from_args(args: argparse.Namespace):
         batch_size=args.batch_size, lr=args.lr, deformation=args.deformation,
         unlabeled_dirs=[os.path.abspath(d) for d in args.unlabeled_dirs],
         include_test_images=args.include_test_images, restoration=args.restoration,
-        restoration_mode=args.restoration_mode, strict=args.strict,
+        restoration_mode=args.restoration_mode, decorrelation=args.decorrelation, strict=args.strict,
         output_dir=os.path.abspath(args.output_dir) if args.output_dir else None, save_every=args.save_every,
         max_nonfinite=args.max_nonfinite, example_every=args.example_every, compile=args.compile, seed=args.seed)
 

@@ -217,3 +217,31 @@ def test_gemini_loss_float32_under_autocast():
     assert total.dtype == torch.float32 and all(v.dtype == torch.float32 for v in terms.values())
     total.backward()
     assert all(torch.isfinite(v.grad).all() for v in half.values())
+
+
+def test_decorrelation_is_zero_for_independent_channels_and_one_for_collapsed_ones():
+    from nnunet_gemini.losses import decorrelation_loss
+    torch.manual_seed(0)
+    independent = torch.randn(2, 8, 16, 16, 16)
+    assert decorrelation_loss(independent).item() < 2.0 / 16 ** 3  # E[r^2] = 1/voxels
+    signal = torch.randn(2, 1, 16, 16, 16)
+    collapsed = signal * torch.linspace(0.5, 3.0, 8).view(1, 8, 1, 1, 1) + torch.arange(8.0).view(1, 8, 1, 1, 1)
+    assert decorrelation_loss(collapsed).item() == pytest.approx(1.0, abs=1e-4)  # one signal up to scale and offset
+    half = torch.cat([signal.expand(2, 4, 16, 16, 16), torch.randn(2, 4, 16, 16, 16)], 1)
+    assert decorrelation_loss(half).item() == pytest.approx(12 / 56, abs=0.01)  # 4*3 of 8*7 pairs correlated
+    const = torch.zeros(1, 4, 4, 4, 4)
+    assert torch.isfinite(decorrelation_loss(const))  # a constant channel has no correlation, not a NaN
+
+
+def test_decorrelation_gradient_reaches_the_features_and_lowers_the_loss():
+    from nnunet_gemini.losses import decorrelation_loss
+    torch.manual_seed(1)
+    base = torch.randn(1, 1, 8, 8, 8)
+    feats = (base.expand(1, 4, 8, 8, 8) + 0.3 * torch.randn(1, 4, 8, 8, 8)).requires_grad_(True)
+    loss = decorrelation_loss(feats)
+    loss.backward()
+    assert feats.grad is not None and feats.grad.abs().sum() > 0
+    after = decorrelation_loss((feats - 0.5 * feats.grad / feats.grad.norm()).detach())
+    assert after < loss.detach()
+    with pytest.raises(ValueError, match=r"not \(B, C >= 2"):
+        decorrelation_loss(torch.randn(1, 1, 4, 4, 4))

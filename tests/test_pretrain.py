@@ -186,6 +186,32 @@ def test_short_run_learns_on_a_fixed_pair(in_process_env, tmp_path):
     assert max(r["folding_fraction"] for r in history) <= FOLDING_BOUND
 
 
+def test_decorrelation_term_is_logged_always_and_trained_only_with_its_weight(in_process_env, tmp_path):
+    """--decorrelation W adds W x decorrelation_loss(features of the pair) to the step's loss; at 0
+    (the default, as released) the figure is only logged and the loss is the GEMINI + restoration one."""
+    from nnunet_gemini.losses import decorrelation_loss
+    losses = {}
+    for weight in (0.0, 2.0):
+        torch.manual_seed(0)
+        t = _trainer(tmp_path / str(weight), restoration=False, decorrelation=weight)
+        batch = _fixed_pair(t)
+        loss, logs = t.model(batch["a"], batch["b"])
+        with torch.no_grad():
+            expected = decorrelation_loss(t.model.features(torch.cat([batch["a"], batch["b"]])))
+        assert float(logs["decorrelation"]) == pytest.approx(float(expected), rel=1e-5)
+        assert 0 < float(expected) < 1
+        losses[weight] = (float(loss), float(logs["total"]), float(expected))
+        if weight:
+            t.optimizer.zero_grad()
+            loss.backward()
+            encoder = next(p for n, p in t.model.network.named_parameters() if n.startswith("encoder."))
+            assert encoder.grad is not None and encoder.grad.abs().sum() > 0
+    assert losses[0.0][0] == pytest.approx(losses[0.0][1], rel=1e-6)  # weight 0: not in the loss
+    assert losses[2.0][0] == pytest.approx(losses[2.0][1] + 2.0 * losses[2.0][2], rel=1e-5)
+    t.log_options()
+    assert "decorrelation weight 2;" in open(t.logger.log_file).read()
+
+
 def test_nonfinite_loss_skips_the_update_then_stops(in_process_env, tmp_path, monkeypatch):
     """The shared guard (nnunet_gemini.guarded_step): no backward and no step on a non-finite loss,
     counted and logged; --max_nonfinite in a row stop the run."""
