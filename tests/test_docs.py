@@ -108,3 +108,11 @@ def test_readme_options_table_lists_every_trainer_option():
     text = open(README, encoding="utf-8").read()
     missing = [PREFIX + f.name for f in fields(GeminiRunOptions) if f"`{PREFIX}{f.name}`" not in text]
     assert missing == [], f"README.md's Options table lacks {missing}"
+
+
+def test_readme_lists_every_gemini_pretrain_flag():
+    from nnunet_gemini.pretraining.run_pretraining import build_parser
+    text = open(README, encoding="utf-8").read()
+    flags = [s for a in build_parser()._actions for s in a.option_strings if s not in ("-h", "--help")]
+    missing = [f for f in flags if f"`{f}`" not in text and f"`{f} " not in text]
+    assert missing == [], f"README.md's gemini_pretrain table lacks {missing}"
