@@ -513,7 +513,13 @@ class Benchmark:
         share_pretraining(self.results)
         self.results["last_call_seconds"] = round(time.time() - t_start, 1)
         self._save()
-        write_reports(self.results, self.out, self.report_labels(methods), ns, budget_iterations(self.budget))
+        write_reports(self.results, self.out, self.report_labels(methods), self.report_ns(ns),
+                      budget_iterations(self.budget))
+
+    def report_ns(self, ns) -> List[int]:
+        """This call's N and every N of the same budget already in results.json (earlier calls)."""
+        iterations = budget_iterations(self.budget)
+        return sorted(set(ns) | {r["n"] for r in self.results["runs"] if r["iterations"] == iterations})
 
     def report_labels(self, methods) -> List[str]:
         """This call's rows and every other row of the same budget already in results.json (earlier

@@ -203,3 +203,15 @@ def test_augmentation_workers_per_training():
     assert training_n_proc_da("cuda", 8, None, cpu_count=16) == "1"  # 8 trainings share 16 cores
     assert training_n_proc_da("cuda", 4, "", cpu_count=16) == "3"
     assert training_n_proc_da("cuda", 32, None, cpu_count=16) == "1"
+
+
+def test_report_covers_every_n_of_the_budget_not_only_this_calls():
+    """A call for N = 2 after one for N = 1 rebuilds results.md with both columns (same budget only)."""
+    from types import SimpleNamespace
+
+    from nnunet_gemini.benchmark import Benchmark
+    budget = dict(train_epochs=2, train_iters=250)
+    runs = [dict(n=1, iterations=500), dict(n=5, iterations=100), dict(n=2, iterations=500)]
+    study = SimpleNamespace(budget=budget, results={"runs": runs})
+    assert Benchmark.report_ns(study, [2]) == [1, 2]
+    assert Benchmark.report_ns(study, [3]) == [1, 2, 3]
