@@ -11,6 +11,7 @@
 #     BUDGET="--budget short --train_epochs 1 --train_iters 2 --val_iters 1 --pretrain_epochs 1 --pretrain_iters 2" \
 #     REFERENCE=2 benchmarks/gpu_real_study.sh                                      # dry run on the CPU
 #   RESUME=/path/to/earlier/results.json ...   # continue a study: its finished runs are skipped
+#   EXTRA="--methods nnUNetTrainerGEMINIFinetune nnUNetTrainerGEMINI --pretrain_decorrelation 10" ...  # an ablation
 set -u
 T0=$(date +%s)
 OUT=${OUT:-/tmp/gpu_real_study_out}; mkdir -p "$OUT"
@@ -26,9 +27,10 @@ BUDGET=${BUDGET:-"--budget standard --train_epochs 2 --train_iters 250 --val_ite
 --pretrain_iters 100"}
 left=$(( ${BUDGET_S:-560} - ($(date +%s) - T0) ))
 echo "=== gemini_benchmark --collection $COLLECTION $SIZES --split_seed 0 --n ${N:-1 2} --draws ${DRAWS:-2} $BUDGET" \
-     "--reference_iters ${REFERENCE:-1250} --jobs ${JOBS:-8} -device $DEV (limit ${left}s)"
+     "--reference_iters ${REFERENCE:-1250} --jobs ${JOBS:-8} -device $DEV ${EXTRA:-} (limit ${left}s)"
 timeout -k 10 $left gemini_benchmark --collection "$COLLECTION" $SIZES --split_seed 0 --n ${N:-1 2} \
-    --draws ${DRAWS:-2} $BUDGET --reference_iters ${REFERENCE:-1250} --jobs ${JOBS:-8} -device $DEV -o "$OUT/study"
+    --draws ${DRAWS:-2} $BUDGET --reference_iters ${REFERENCE:-1250} --jobs ${JOBS:-8} -device $DEV -o "$OUT/study" \
+    ${EXTRA:-}
 echo "=== study rc=$? $(( $(date +%s) - T0 )) s"
 # what may be committed (numbers, case ids, logs); the datasets, predictions and checkpoints stay behind
 mkdir -p "$OUT/publish/logs" && cp "$OUT"/study/results.{json,md,png} "$OUT/publish/" 2>/dev/null

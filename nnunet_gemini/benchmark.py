@@ -68,7 +68,11 @@ ABLATIONS = {
                   "nnU-Net's 1e-2"),
     "gemini_warmup": ("nnUNet_gemini_warmup", "warm-up {:g} of the run", GEMINI_TRAINERS,
                       "linear warm-up of the network's learning rate over the first share S of the run", "none"),
+    # a gemini_pretrain flag, not a trainer option: the call's pre-trainings run with it, under their own key
+    "pretrain_decorrelation": ("--decorrelation", "pre-training decorrelation {:g}", USES_PRETRAINING,
+                               "gemini_pretrain's weight W of the features' decorrelation term", "0, as released"),
 }
+PRETRAIN_ABLATIONS = {"pretrain_decorrelation"}
 DEMO_ID = 991
 COLLECTION_FIRST_ID = 901  # --collection datasets: 901, 902, ... under -o (never the user's nnUNet_raw)
 CONFIGURATION = "3d_fullres"
@@ -140,9 +144,12 @@ class Benchmark:
         self.jobs = getattr(args, "jobs", 1)
         self.n_proc_da = training_n_proc_da(self.device, self.jobs, user_da)
         self.n_proc_da_pretrain = training_n_proc_da(self.device, 1, user_da)  # it runs alone
-        for var, *_ in ABLATIONS.values():
-            env.pop(var, None)  # only the flags set them, so a run's label always says what it trained with
+        for k, (var, *_) in ABLATIONS.items():
+            if k not in PRETRAIN_ABLATIONS:
+                env.pop(var, None)  # only the flags set them, so a run's label always says what it trained with
         self.ablation = {k: getattr(args, k, None) for k in ABLATIONS}
+        # gemini_pretrain flags of this call's pre-trainings (an ablation: their own key, folder and rows)
+        self.pretrain_ablation = {k: v for k, v in self.ablation.items() if k in PRETRAIN_ABLATIONS and v is not None}
         self.collection_mode = getattr(args, "collection", None) is not None
         self.env = env
         (out_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -261,9 +268,14 @@ class Benchmark:
 
     # ------------------------------------------------------------------ stages
     def _pretraining_key(self, deformation: str, dataset_name: str) -> str:
-        return deformation if not self.collection_mode else f"{deformation}:{dataset_name}"
+        key = deformation if not self.collection_mode else f"{deformation}:{dataset_name}"
+        parts = [ABLATIONS[k][1].format(v) for k, v in self.pretrain_ablation.items()]
+        return key + (f" ({', '.join(parts)})" if parts else "")
 
     def _pretrain_checkpoint(self, deformation: str, dataset_name: str) -> Path:
+        if self.pretrain_ablation:  # beside the standard one; linked where the ablation's trainers look
+            suffix = "".join(f"_{k}{v:g}" for k, v in self.pretrain_ablation.items())
+            return self.out / f"pretrain_{deformation}{suffix}_{dataset_name}" / "checkpoint_final.pth"
         if deformation == "diffeomorphic":  # the standard place, where the trainers look for it
             from nnunet_gemini.pretrained import FINAL_CHECKPOINT, pretrain_output_dir
             return Path(pretrain_output_dir(dataset_name, PLANS, CONFIGURATION, self.folders["nnUNet_results"]),
@@ -282,13 +294,16 @@ class Benchmark:
         cmd = ["gemini_pretrain", "-d", str(dataset_id_of(dataset_name)), "-c", CONFIGURATION, "-p", PLANS,
                "-device", self.device, "--epochs", str(self.budget["pretrain_epochs"]),
                "--iters_per_epoch", str(self.budget["pretrain_iters"]), "--deformation", deformation]
-        if deformation != "diffeomorphic":
+        cmd += [arg for k, v in self.pretrain_ablation.items() for arg in (ABLATIONS[k][0], f"{v:g}")]
+        if deformation != "diffeomorphic" or self.pretrain_ablation:
             cmd += ["-o", str(checkpoint.parent)]
-        stage = f"pretrain_{deformation}" + (f"_{dataset_name}" if self.collection_mode else "")
+        stage = checkpoint.parent.name if self.pretrain_ablation else \
+            f"pretrain_{deformation}" + (f"_{dataset_name}" if self.collection_mode else "")
         seconds = self.run(stage, cmd, extra_env={"nnUNet_n_proc_DA": self.n_proc_da_pretrain}
                            if self.n_proc_da_pretrain is not None else None)
         record = {"deformation": deformation, "dataset": dataset_name, "checkpoint": str(checkpoint),
-                  "iterations": iterations, "seconds": seconds, "device": self.device, "revision": self.revision}
+                  "iterations": iterations, "seconds": seconds, "device": self.device, "revision": self.revision,
+                  **self.pretrain_ablation}
         self.results["pretraining"][key] = record
         self._save()
         return record
@@ -296,9 +311,9 @@ class Benchmark:
     def _link_pretraining(self, results_root: str, cell: dict) -> None:
         """Make the cell's shared pre-training visible where its trainer looks for one: under
         results_root for the cell's dataset (a link to the checkpoint of the dataset that ran it)."""
+        from nnunet_gemini.pretrained import FINAL_CHECKPOINT, pretrain_output_dir
         shared = self._pretrain_checkpoint("diffeomorphic", cell["pretrain_dataset"])
-        relative = shared.relative_to(self.folders["nnUNet_results"]).parts[1:]  # below the dataset's folder
-        link = Path(results_root, cell["dataset_name"], *relative)
+        link = Path(pretrain_output_dir(cell["dataset_name"], PLANS, CONFIGURATION, results_root), FINAL_CHECKPOINT)
         if link == shared:
             return
         link.parent.mkdir(parents=True, exist_ok=True)
@@ -342,7 +357,7 @@ class Benchmark:
             return done
         cell = self.cells[(n, draw)]
         trainer = TRAINER_OF.get(method, method)
-        suffix = "".join(f"_{k[len('gemini_'):]}{v if isinstance(v, str) else format(v, 'g')}"
+        suffix = "".join(f"_{k.removeprefix('gemini_')}{v if isinstance(v, str) else format(v, 'g')}"
                          for k, v in ablation.items())
         tag = f"{method}{suffix}_N{n}_draw{draw}_{iterations}it"
         # a reference or ablation run gets its own results folder: it must not replace the budget run of this fold
@@ -356,7 +371,7 @@ class Benchmark:
                "nnUNet_gemini_iters_per_epoch": str(self.budget["train_iters"]),
                "nnUNet_gemini_val_iters": str(self.budget["val_iters"]),
                "nnUNet_gemini_final_validation": "0",  # scored on imagesTs: nnU-Net's validation is time for nothing
-               **{ABLATIONS[k][0]: str(v) for k, v in ablation.items()}}
+               **{ABLATIONS[k][0]: str(v) for k, v in ablation.items() if k not in PRETRAIN_ABLATIONS}}
         if self.n_proc_da is not None:
             env["nnUNet_n_proc_DA"] = self.n_proc_da
         train_s = self.run(f"train_{tag}", ["nnUNetv2_train", str(dataset_id_of(cell["dataset_name"])), CONFIGURATION,
@@ -708,9 +723,11 @@ def _main(argv=None) -> int:
     for key in ("train_epochs", "train_iters", "val_iters", "pretrain_epochs", "pretrain_iters"):
         p.add_argument(f"--{key}", type=int, default=None, help=f"override the budget's {key.replace('_', ' ')}")
     for flag, (var, label, applies_to, what, default) in ABLATIONS.items():
-        who = "the methods with the GEMINI loss" if applies_to == USES_GEMINI_LOSS else "every GEMINI trainer"
+        who = ("the methods with the GEMINI loss" if applies_to is USES_GEMINI_LOSS else
+               "the pre-trainings and the methods that load them" if applies_to is USES_PRETRAINING else
+               "every GEMINI trainer")
         kind = dict(choices=PAIR_POSITIONS) if flag == "gemini_pair_positions" else \
-            dict(type=float, metavar="S" if "share" in what else "W" if flag == "gemini_weight" else "LR")
+            dict(type=float, metavar="S" if "share" in what else "W" if "weight" in what else "LR")
         p.add_argument(f"--{flag}", default=None, **kind,
                        help=f"ablation: {var} ({what}) for {who}; their runs are rows of their own, labelled "
                             f"'{label.split(' {')[0]} ...'. Default: the trainers' ({default})")
@@ -753,6 +770,8 @@ def _main(argv=None) -> int:
     if a.gemini_weight is not None and not (finite(a.gemini_weight) and a.gemini_weight > 0):
         raise GeminiUserError("--gemini_weight must be a finite number > 0 (the GEMINI trainers refuse 0: "
                               "nnUNetTrainerGEMINIFinetune is the supervised-only method)")
+    if a.pretrain_decorrelation is not None and not finite(a.pretrain_decorrelation):
+        raise GeminiUserError("--pretrain_decorrelation must be a finite weight >= 0")
     for flag in ("gemini_rampup", "gemini_warmup"):
         if getattr(a, flag) is not None and not 0 <= getattr(a, flag) <= 1:
             raise GeminiUserError(f"--{flag} must be a share of the run between 0 and 1")

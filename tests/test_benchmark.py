@@ -162,7 +162,7 @@ def test_method_labels_and_ablation_results_dir_links_the_shared_pretraining(tmp
         "nnUNetTrainerGEMINI (pairs at independent positions, deformer lr 0.001)"
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     bench = Benchmark.__new__(Benchmark)
-    bench.out, bench.collection_mode = tmp_path / "study", False
+    bench.out, bench.collection_mode, bench.pretrain_ablation = tmp_path / "study", False, {}
     bench.folders = {"nnUNet_results": str(tmp_path / "results")}
     cell = {"dataset_name": "Dataset991_GeminiDemo", "pretrain_dataset": "Dataset991_GeminiDemo"}
     shared = bench._pretrain_checkpoint("diffeomorphic", "Dataset991_GeminiDemo")
@@ -185,7 +185,8 @@ def test_method_labels_and_ablation_results_dir_links_the_shared_pretraining(tmp
 @pytest.mark.parametrize("flag", [["--jobs", "0"], ["--draws", "0"], ["--n", "0"], ["--train_iters", "-1"],
                                   ["--gemini_weight", "-1"], ["--gemini_weight", "nan"], ["--gemini_weight", "0"],
                                   ["--gemini_rampup", "-0.1"], ["--gemini_rampup", "2"], ["--gemini_warmup", "1.5"],
-                                  ["--gemini_lr", "0"], ["--gemini_deformer_lr=-1e-4"]])
+                                  ["--gemini_lr", "0"], ["--gemini_deformer_lr=-1e-4"],
+                                  ["--pretrain_decorrelation=-1"]])
 def test_out_of_range_counts_and_weights_are_refused_before_anything_runs(flag, tmp_path, capsys):
     from nnunet_gemini.benchmark import main
     with pytest.raises(SystemExit) as exit_info:
@@ -215,3 +216,46 @@ def test_report_covers_every_n_of_the_budget_not_only_this_calls():
     study = SimpleNamespace(budget=budget, results={"runs": runs})
     assert Benchmark.report_ns(study, [2]) == [1, 2]
     assert Benchmark.report_ns(study, [3]) == [1, 2, 3]
+
+
+def test_pretraining_ablation_has_its_own_key_checkpoint_command_and_rows(tmp_path, monkeypatch):
+    """--pretrain_decorrelation W: this call's pre-training runs with gemini_pretrain --decorrelation W
+    into a folder of its own, is recorded under its own key, and is linked where the ablation's trainers
+    look; only the methods that load a pre-training get the row label."""
+    from nnunet_gemini.benchmark import Benchmark, method_label
+    from nnunet_gemini.pretrained import find_pretrained_checkpoint
+    assert method_label("nnUNetTrainerGEMINIFinetune", pretrain_decorrelation=10.0) == \
+        "nnUNetTrainerGEMINIFinetune (pre-training decorrelation 10)"
+    assert method_label("nnUNetTrainerGEMINI_NoPretrain", pretrain_decorrelation=10.0) == \
+        "nnUNetTrainerGEMINI_NoPretrain"
+    bench = Benchmark.__new__(Benchmark)
+    bench.out, bench.collection_mode, bench.device, bench.revision = tmp_path / "study", True, "cpu", "abc"
+    bench.folders = {"nnUNet_results": str(tmp_path / "study" / "nnUNet_results")}
+    bench.budget = dict(pretrain_epochs=1, pretrain_iters=2)
+    bench.results, bench.n_proc_da_pretrain = {"pretraining": {}}, None
+    bench._save = lambda: None
+    bench.pretrain_ablation = {"pretrain_decorrelation": 10.0}
+    name = "Dataset901_GeminiStudyN1draw0"
+    key = bench._pretraining_key("diffeomorphic", name)
+    assert key == "diffeomorphic:Dataset901_GeminiStudyN1draw0 (pre-training decorrelation 10)"
+    checkpoint = bench._pretrain_checkpoint("diffeomorphic", name)
+    assert checkpoint == tmp_path / "study" / f"pretrain_diffeomorphic_pretrain_decorrelation10_{name}" / \
+        "checkpoint_final.pth"
+    commands = []
+
+    def run(stage, cmd, extra_env=None):
+        commands.append((stage, cmd))
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_bytes(b"decorrelated")
+        return 1.0
+    bench.run = run
+    record = bench.pretrain("diffeomorphic", name)
+    ((stage, cmd),) = commands
+    assert cmd[cmd.index("--decorrelation") + 1] == "10" and cmd[cmd.index("-o") + 1] == str(checkpoint.parent)
+    assert stage == checkpoint.parent.name and record["pretrain_decorrelation"] == 10.0
+    assert bench.results["pretraining"][key] is record and bench.pretrain("diffeomorphic", name) is record
+    folder = str(tmp_path / "study" / "nnUNet_results_ablation_pretrain_decorrelation10")
+    bench._link_pretraining(folder, {"dataset_name": "Dataset903_GeminiStudyN2draw0", "pretrain_dataset": name})
+    monkeypatch.setenv("nnUNet_results", folder)
+    found = find_pretrained_checkpoint("Dataset903_GeminiStudyN2draw0", "nnUNetPlans", "3d_fullres")
+    assert found is not None and open(found, "rb").read() == b"decorrelated"
