@@ -2,9 +2,11 @@
 reproducible from its seed, each (N, draw) dataset holds exactly its N labelled cases and is planned
 from them, results carry the commit, a second call skips finished runs, another seed on the same -o
 is refused, and every bad input is refused before anything trains."""
+import glob
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +200,25 @@ def test_second_call_skips_and_another_seed_is_refused(collection_study):
                     [c if c != "--pool_cases" else "--selection_cases" for c in cmd]):
         proc = subprocess.run(changed, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and "belongs to another study" in proc.stderr, proc.stderr
+
+
+def test_pretraining_ablation_runs_its_own_pretraining_and_rows(collection_study):
+    """--pretrain_decorrelation W end to end: a gemini_pretrain --decorrelation W run of its own (the
+    standard pre-training place stays empty), Finetune trained from it, its row and record labelled."""
+    out, env, cmd = collection_study["out"], collection_study["env"], collection_study["cmd"]
+    methods = cmd.index("--methods") + 1
+    call = cmd[:methods] + ["nnUNetTrainerGEMINIFinetune"] + cmd[methods + 1:]
+    call[call.index("--n") + 1:call.index("--n") + 3] = ["1"]
+    run_command(call + ["--pretrain_decorrelation", "1", "--pretrain_epochs", "1", "--pretrain_iters", "1"], env,
+                timeout=900)
+    results = json.loads((out / "results.json").read_text())
+    (key,) = results["pretraining"]
+    assert key.endswith(" (pre-training decorrelation 1)")
+    assert results["pretraining"][key]["pretrain_decorrelation"] == 1
+    checkpoint = Path(results["pretraining"][key]["checkpoint"])
+    assert checkpoint.is_file() and checkpoint.parent.parent == out
+    assert "decorrelation weight 1;" in open(glob.glob(str(checkpoint.parent / "training_log_*.txt"))[0]).read()
+    assert not glob.glob(str(out / "nnUNet_results" / "*" / "GEMINIPretrain__*" / "fold_all" / "checkpoint_final.pth"))
+    (run,) = [r for r in results["runs"] if r["method"] == "nnUNetTrainerGEMINIFinetune"]
+    assert run["label"] == "nnUNetTrainerGEMINIFinetune (pre-training decorrelation 1)" and run["pretraining"] == key
+    assert "| nnUNetTrainerGEMINIFinetune (pre-training decorrelation 1) | " in (out / "results.md").read_text()
