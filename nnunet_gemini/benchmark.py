@@ -726,11 +726,12 @@ def _main(argv=None) -> int:
         who = ("the methods with the GEMINI loss" if applies_to is USES_GEMINI_LOSS else
                "the pre-trainings and the methods that load them" if applies_to is USES_PRETRAINING else
                "every GEMINI trainer")
+        whose = "gemini_pretrain's" if flag in PRETRAIN_ABLATIONS else "the trainers'"
         kind = dict(choices=PAIR_POSITIONS) if flag == "gemini_pair_positions" else \
             dict(type=float, metavar="S" if "share" in what else "W" if "weight" in what else "LR")
         p.add_argument(f"--{flag}", default=None, **kind,
                        help=f"ablation: {var} ({what}) for {who}; their runs are rows of their own, labelled "
-                            f"'{label.split(' {')[0]} ...'. Default: the trainers' ({default})")
+                            f"'{label.split(' {')[0]} ...'. Default: {whose} ({default})")
     p.add_argument("--reference_iters", type=int, default=None, metavar="K",
                    help="one extra nnUNetTrainer run per N (draw 0) with about K supervised iterations")
     p.add_argument("--registration", choices=("both", "diffeomorphic", "none"), default=None,
