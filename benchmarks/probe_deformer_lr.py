@@ -34,16 +34,12 @@ def main():
     p.add_argument("--json", default=None, help="also write the figures here")
     a = p.parse_args()
     torch.manual_seed(a.seed)
-    from nnunet_gemini import unlabeled
+    from probe_common import checkpoint_and_pool_loader
+
     from nnunet_gemini.gemini_step import step_from_spec
     from nnunet_gemini.network import DecoderFeatureTap
-    from nnunet_gemini.pairs import make_pair_loader
-    from nnunet_gemini.register import load_from_pretrain_checkpoint
 
-    model = load_from_pretrain_checkpoint(a.checkpoint, torch.device("cpu"))
-    patch = model.configuration_manager.patch_size
-    loader = make_pair_loader(unlabeled.load_pool_dataset(a.pool, unlabeled.pool_case_ids(a.pool)), 1, patch,
-                              spatial_augmentation=False, intensity_augmentation=False)
+    model, patch, loader = checkpoint_and_pool_loader(a.checkpoint, a.pool)
     pairs = []
     with torch.no_grad(), DecoderFeatureTap(model.network) as tap:
         held = a.pairs if a.held_out is None else a.held_out

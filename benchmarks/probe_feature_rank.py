@@ -52,26 +52,20 @@ def main():
     p.add_argument("--json", default=None)
     a = p.parse_args()
     torch.manual_seed(a.seed)
-    from nnunet_gemini import unlabeled
-    from nnunet_gemini.network import DecoderFeatureTap, build_segmentation_network
-    from nnunet_gemini.pairs import make_pair_loader
-    from nnunet_gemini.register import load_from_pretrain_checkpoint
+    from probe_common import checkpoint_and_pool_loader
 
-    model = load_from_pretrain_checkpoint(a.checkpoint, torch.device("cpu"))
-    patch = model.configuration_manager.patch_size
-    loader = make_pair_loader(unlabeled.load_pool_dataset(a.pool, unlabeled.pool_case_ids(a.pool)), 1, patch,
-                              spatial_augmentation=False, intensity_augmentation=False)
+    from nnunet_gemini.network import DecoderFeatureTap, build_segmentation_network
+    from nnunet_gemini.pretrained import load_network_weights
+
+    model, patch, loader = checkpoint_and_pool_loader(a.checkpoint, a.pool)
     images = torch.cat([next(loader)["a"].float() for _ in range(a.patches)])
     fresh = build_segmentation_network(model.plans_manager, model.configuration_manager, images.shape[1],
                                        model.network.decoder.seg_layers[-1].out_channels)
     networks = {"fresh nnU-Net init": fresh, a.checkpoint: model.network}
     for path in a.also:  # a gemini_pretrain or an nnU-Net trainer checkpoint: both hold network_weights
-        weights = torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
         net = copy.deepcopy(fresh)
-        own = net.state_dict()
-        loaded = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-        assert not [k for k in own if k not in loaded and ".seg_layers." not in k], f"{path}: not these plans"
-        net.load_state_dict(loaded, strict=False)
+        load_network_weights(net, torch.load(path, map_location="cpu", weights_only=False)["network_weights"], path,
+                             "give checkpoints of the --checkpoint's plans")
         networks[path] = net
     out = {"patch": list(patch), "patches": a.patches, "networks": {}}
     for name, net in networks.items():

@@ -109,6 +109,12 @@ def _run_key(run: dict) -> tuple:
     return _label(run), run["n"], run["draw"], run["iterations"], run.get("reference", False)
 
 
+def ablation_suffix(ablation: dict) -> str:
+    """The folder and log-name suffix of an ablation's runs or pre-trainings, e.g. "_weight0.3_rampup0.1"."""
+    return "".join(f"_{k.removeprefix('gemini_')}{v if isinstance(v, str) else format(v, 'g')}"
+                   for k, v in ablation.items())
+
+
 def method_label(method: str, **ablation) -> str:
     """The name a run is reported and resumed under: the method, with the ablations that apply to
     it in ABLATIONS order, e.g. "nnUNetTrainerGEMINI (weight 0.3, ramp-up 0.1 of the run)"."""
@@ -274,8 +280,8 @@ class Benchmark:
 
     def _pretrain_checkpoint(self, deformation: str, dataset_name: str) -> Path:
         if self.pretrain_ablation:  # beside the standard one; linked where the ablation's trainers look
-            suffix = "".join(f"_{k}{v:g}" for k, v in self.pretrain_ablation.items())
-            return self.out / f"pretrain_{deformation}{suffix}_{dataset_name}" / "checkpoint_final.pth"
+            return (self.out / f"pretrain_{deformation}{ablation_suffix(self.pretrain_ablation)}_{dataset_name}"
+                    / "checkpoint_final.pth")
         if deformation == "diffeomorphic":  # the standard place, where the trainers look for it
             from nnunet_gemini.pretrained import FINAL_CHECKPOINT, pretrain_output_dir
             return Path(pretrain_output_dir(dataset_name, PLANS, CONFIGURATION, self.folders["nnUNet_results"]),
@@ -357,8 +363,7 @@ class Benchmark:
             return done
         cell = self.cells[(n, draw)]
         trainer = TRAINER_OF.get(method, method)
-        suffix = "".join(f"_{k.removeprefix('gemini_')}{v if isinstance(v, str) else format(v, 'g')}"
-                         for k, v in ablation.items())
+        suffix = ablation_suffix(ablation)
         tag = f"{method}{suffix}_N{n}_draw{draw}_{iterations}it"
         # a reference or ablation run gets its own results folder: it must not replace the budget run of this fold
         results_dir = (str(self.out / "nnUNet_results_reference") if reference else
