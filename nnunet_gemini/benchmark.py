@@ -71,8 +71,10 @@ ABLATIONS = {
     # a gemini_pretrain flag, not a trainer option: the call's pre-trainings run with it, under their own key
     "pretrain_decorrelation": ("--decorrelation", "pre-training decorrelation {:g}", USES_PRETRAINING,
                                "gemini_pretrain's weight W of the features' decorrelation term", "0, as released"),
+    "pretrain_restoration_weight": ("--restoration_weight", "pre-training restoration weight {:g}", USES_PRETRAINING,
+                                    "gemini_pretrain's weight W of the restoration MSE", "100, as released"),
 }
-PRETRAIN_ABLATIONS = {"pretrain_decorrelation"}
+PRETRAIN_ABLATIONS = {"pretrain_decorrelation", "pretrain_restoration_weight"}
 DEMO_ID = 991
 COLLECTION_FIRST_ID = 901  # --collection datasets: 901, 902, ... under -o (never the user's nnUNet_raw)
 CONFIGURATION = "3d_fullres"
@@ -778,6 +780,9 @@ def _main(argv=None) -> int:
                               "nnUNetTrainerGEMINIFinetune is the supervised-only method)")
     if a.pretrain_decorrelation is not None and not finite(a.pretrain_decorrelation):
         raise GeminiUserError("--pretrain_decorrelation must be a finite weight >= 0")
+    if a.pretrain_restoration_weight is not None and not (finite(a.pretrain_restoration_weight)
+                                                          and a.pretrain_restoration_weight > 0):
+        raise GeminiUserError("--pretrain_restoration_weight must be a finite weight > 0")
     for flag in ("gemini_rampup", "gemini_warmup"):
         if getattr(a, flag) is not None and not 0 <= getattr(a, flag) <= 1:
             raise GeminiUserError(f"--{flag} must be a share of the run between 0 and 1")

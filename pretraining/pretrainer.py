@@ -5,7 +5,8 @@ One iteration (defaults):
   spatial augmentation (nnunet_gemini.pairs) ->
   ONE forward of the nnU-Net network on cat(a, b, damaged(a)) with a DecoderFeatureTap ->
   GeminiStep on the features of a and b (the shared GEMINI step; losses are not re-implemented
-  here) + 100 * MSE(restoration_head(features of damaged a), rescaled clean a) ->
+  here) + W * MSE(restoration_head(features of damaged a), rescaled clean a) (W = --restoration_weight,
+  100 as released) ->
   one guarded step (nnunet_gemini.guarded_step: backward, gradient clipping at 12 as nnU-Net,
   one Adam step).
 
@@ -68,8 +69,6 @@ from nnunet_gemini.registration import warp
 
 from .progress import PretrainLogger, is_interactive, save_pair_figure, save_restoration_figure
 
-RESTORATION_WEIGHT = 100.0  # released weight of the Models Genesis MSE
-
 
 @dataclass
 class PretrainOptions:
@@ -91,6 +90,7 @@ class PretrainOptions:
     restoration: bool = True
     restoration_mode: str = PRETRAIN_DEFAULTS["restoration_mode"]
     decorrelation: float = PRETRAIN_DEFAULTS["decorrelation"]  # weight of the features' decorrelation term
+    restoration_weight: float = PRETRAIN_DEFAULTS["restoration_weight"]  # of the Models Genesis MSE (released: 100)
     strict: bool = False
     output_dir: Optional[str] = None
     save_every: int = PRETRAIN_DEFAULTS["save_every"]
@@ -129,12 +129,13 @@ class PretrainModel(nn.Module):
     single DDP wrapper covers every trained parameter and every forward goes through it."""
 
     def __init__(self, network: nn.Module, gemini: GeminiStep, restoration_head: Optional[nn.Module],
-                 decorrelation: float = 0.0):
+                 decorrelation: float = 0.0, restoration_weight: float = PRETRAIN_DEFAULTS["restoration_weight"]):
         super().__init__()
         self.network = network
         self.gemini = gemini
         self.restoration_head = restoration_head
         self.decorrelation = decorrelation
+        self.restoration_weight = restoration_weight
         self.tap = DecoderFeatureTap(network)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +149,7 @@ class PretrainModel(nn.Module):
         p = a.shape[0]
         if task == "restoration":
             rest = restoration_loss(self.restoration_head(self.features(damaged)), target)
-            return RESTORATION_WEIGHT * rest, {"restoration": rest.detach()}
+            return self.restoration_weight * rest, {"restoration": rest.detach()}
         feats = self.features(torch.cat([a, b] + ([damaged] if damaged is not None else [])))
         loss, logs = self.gemini(a, b, feats[:p], feats[p:2 * p])
         logs = dict(logs)
@@ -160,7 +161,7 @@ class PretrainModel(nn.Module):
         logs["decorrelation"] = decorrelation.detach()
         if damaged is not None:
             rest = restoration_loss(self.restoration_head(feats[2 * p:]), target)
-            loss = loss + RESTORATION_WEIGHT * rest
+            loss = loss + self.restoration_weight * rest
             logs["restoration"] = rest.detach()
         return loss, logs
 
@@ -226,7 +227,8 @@ class GeminiPretrainer:
         # the spec's defaults (measured resolution; one pass + inverse for diffeomorphic) and --deformation
         gemini = step_from_spec(network, deformer_spec(self.options.deformation))
         head = build_restoration_head(network, self.num_input_channels) if self.options.restoration else None
-        self.model = PretrainModel(network, gemini, head, self.options.decorrelation).to(self.device)
+        self.model = PretrainModel(network, gemini, head, self.options.decorrelation,
+                                    self.options.restoration_weight).to(self.device)
         self.trained_parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.trained_parameters, lr=self.options.lr)
         self.scaler = torch.amp.GradScaler("cuda") if self.use_amp else None
@@ -449,7 +451,8 @@ class GeminiPretrainer:
                         f"patch {list(self.configuration_manager.patch_size)}; "
                         f"{self.total_pairs} pair(s)/iteration over {self.world_size} process(es); "
                         f"{o.epochs} epochs x {o.iters_per_epoch} iterations; Adam lr {o.lr}; deformation "
-                        f"{o.deformation}; restoration {'off' if not o.restoration else o.restoration_mode}; "
+                        f"{o.deformation}; restoration "
+                        f"{'off' if not o.restoration else f'{o.restoration_mode}, weight {o.restoration_weight:g}'}; "
                         f"decorrelation weight {o.decorrelation:g}; "
                         f"device {self.device}; mixed precision {self.use_amp}")
 

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restoration_mode", default=PRETRAIN_DEFAULTS["restoration_mode"], choices=RESTORATION_MODES,
                    help="joint: one forward and one step for both losses; separate: the released two "
                         "forwards and two optimiser steps per iteration")
+    p.add_argument("--restoration_weight", type=float, default=PRETRAIN_DEFAULTS["restoration_weight"],
+                   help="weight W of the restoration MSE (100, as released; --no_restoration turns the task off)")
     p.add_argument("--decorrelation", type=float, default=PRETRAIN_DEFAULTS["decorrelation"],
                    help="weight of a decorrelation term on the features' channels (0: off, as released; "
                         "GSS has no negatives, so without it the features may collapse into few dimensions)")
@@ -104,6 +106,9 @@ def options_from_args(args: argparse.Namespace):
         raise GeminiUserError(f"--batch_size must be >= 1, got {args.batch_size}")
     if not args.decorrelation >= 0:
         raise GeminiUserError(f"--decorrelation must be >= 0 (0: off), got {args.decorrelation}")
+    if not 0 < args.restoration_weight < float("inf"):
+        raise GeminiUserError(f"--restoration_weight must be a finite weight > 0, got {args.restoration_weight} "
+                              "(to pre-train without restoration, pass --no_restoration)")
     if not args.lr > 0:
         raise GeminiUserError(f"--lr must be > 0, got {args.lr}")
     num_processes = args.num_processes or int(os.environ.get("nnUNet_def_n_proc", 8))
@@ -114,7 +119,8 @@ def options_from_args(args: argparse.Namespace):
         batch_size=args.batch_size, lr=args.lr, deformation=args.deformation,
         unlabeled_dirs=[os.path.abspath(d) for d in args.unlabeled_dirs],
         include_test_images=args.include_test_images, restoration=args.restoration,
-        restoration_mode=args.restoration_mode, decorrelation=args.decorrelation, strict=args.strict,
+        restoration_mode=args.restoration_mode, decorrelation=args.decorrelation,
+        restoration_weight=args.restoration_weight, strict=args.strict,
         output_dir=os.path.abspath(args.output_dir) if args.output_dir else None, save_every=args.save_every,
         max_nonfinite=args.max_nonfinite, example_every=args.example_every, compile=args.compile, seed=args.seed)
 

@@ -186,7 +186,7 @@ def test_method_labels_and_ablation_results_dir_links_the_shared_pretraining(tmp
                                   ["--gemini_weight", "-1"], ["--gemini_weight", "nan"], ["--gemini_weight", "0"],
                                   ["--gemini_rampup", "-0.1"], ["--gemini_rampup", "2"], ["--gemini_warmup", "1.5"],
                                   ["--gemini_lr", "0"], ["--gemini_deformer_lr=-1e-4"],
-                                  ["--pretrain_decorrelation=-1"]])
+                                  ["--pretrain_decorrelation=-1"], ["--pretrain_restoration_weight", "0"]])
 def test_out_of_range_counts_and_weights_are_refused_before_anything_runs(flag, tmp_path, capsys):
     from nnunet_gemini.benchmark import main
     with pytest.raises(SystemExit) as exit_info:
@@ -228,6 +228,8 @@ def test_pretraining_ablation_has_its_own_key_checkpoint_command_and_rows(tmp_pa
         "nnUNetTrainerGEMINIFinetune (pre-training decorrelation 10)"
     assert method_label("nnUNetTrainerGEMINI_NoPretrain", pretrain_decorrelation=10.0) == \
         "nnUNetTrainerGEMINI_NoPretrain"
+    assert method_label("nnUNetTrainerGEMINI", pretrain_decorrelation=10.0, pretrain_restoration_weight=10.0) == \
+        "nnUNetTrainerGEMINI (pre-training decorrelation 10, pre-training restoration weight 10)"
     bench = Benchmark.__new__(Benchmark)
     bench.out, bench.collection_mode, bench.device, bench.revision = tmp_path / "study", True, "cpu", "abc"
     bench.folders = {"nnUNet_results": str(tmp_path / "study" / "nnUNet_results")}
@@ -259,3 +261,29 @@ def test_pretraining_ablation_has_its_own_key_checkpoint_command_and_rows(tmp_pa
     monkeypatch.setenv("nnUNet_results", folder)
     found = find_pretrained_checkpoint("Dataset903_GeminiStudyN2draw0", "nnUNetPlans", "3d_fullres")
     assert found is not None and open(found, "rb").read() == b"decorrelated"
+
+
+def test_restoration_weight_ablation_passes_its_flag_to_gemini_pretrain(tmp_path):
+    """--pretrain_restoration_weight W: gemini_pretrain --restoration_weight W into a folder of its own."""
+    from nnunet_gemini.benchmark import Benchmark
+    bench = Benchmark.__new__(Benchmark)
+    bench.out, bench.collection_mode, bench.device, bench.revision = tmp_path, True, "cpu", "abc"
+    bench.budget = dict(pretrain_epochs=1, pretrain_iters=2)
+    bench.results, bench.n_proc_da_pretrain, bench._save = {"pretraining": {}}, None, lambda: None
+    bench.pretrain_ablation = {"pretrain_restoration_weight": 10.0}
+    name = "Dataset901_GeminiStudyN1draw0"
+    checkpoint = bench._pretrain_checkpoint("diffeomorphic", name)
+    assert checkpoint.parent == tmp_path / f"pretrain_diffeomorphic_pretrain_restoration_weight10_{name}"
+    commands = []
+
+    def run(stage, cmd, extra_env=None):
+        commands.append(cmd)
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_bytes(b"x")
+        return 1.0
+    bench.run = run
+    record = bench.pretrain("diffeomorphic", name)
+    ((cmd,),) = [commands]
+    assert cmd[cmd.index("--restoration_weight") + 1] == "10" and "--decorrelation" not in cmd
+    assert record["pretrain_restoration_weight"] == 10.0
+    assert bench._pretraining_key("diffeomorphic", name).endswith("(pre-training restoration weight 10)")

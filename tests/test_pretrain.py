@@ -212,6 +212,37 @@ def test_decorrelation_term_is_logged_always_and_trained_only_with_its_weight(in
     assert "decorrelation weight 2;" in open(t.logger.log_file).read()
 
 
+def test_restoration_weight_scales_only_the_restoration_term(in_process_env, tmp_path):
+    """--restoration_weight W: the joint loss is the GEMINI total + W x restoration MSE (released W = 100),
+    the separate restoration step is W x MSE, and the weight is in the log line."""
+    from nnunet_gemini.choices import PRETRAIN_DEFAULTS
+    assert PRETRAIN_DEFAULTS["restoration_weight"] == 100.0
+    seen = {}
+    for weight in (100.0, 7.0):
+        torch.manual_seed(0)
+        t = _trainer(tmp_path / str(weight), restoration_weight=weight)
+        batch = _fixed_pair(t)
+        damaged, target = 0.5 * batch["a"], batch["a"]
+        loss, logs = t.model(batch["a"], batch["b"], damaged, target)
+        expected = float(logs["total"]) + weight * float(logs["restoration"])
+        assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+        alone, alone_logs = t.model(batch["a"], batch["b"], damaged, target, task="restoration")
+        assert float(alone.detach()) == pytest.approx(weight * float(alone_logs["restoration"]), rel=1e-5)
+        seen[weight] = float(logs["restoration"])
+        t.log_options()
+        assert f"restoration joint, weight {weight:g};" in open(t.logger.log_file).read()
+    assert seen[100.0] == pytest.approx(seen[7.0], rel=1e-6)  # same network, same MSE: only its weight moved
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan"])
+def test_restoration_weight_out_of_range_is_refused(value):
+    from nnunet_gemini.errors import GeminiUserError
+    from nnunet_gemini.pretraining.run_pretraining import build_parser, options_from_args
+    args = build_parser().parse_args(["-d", "1", "--restoration_weight", value])
+    with pytest.raises(GeminiUserError, match="--restoration_weight must be a finite weight > 0.*--no_restoration"):
+        options_from_args(args)
+
+
 def test_nonfinite_loss_skips_the_update_then_stops(in_process_env, tmp_path, monkeypatch):
     """The shared guard (nnunet_gemini.guarded_step): no backward and no step on a non-finite loss,
     counted and logged; --max_nonfinite in a row stop the run."""
