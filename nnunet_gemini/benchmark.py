@@ -780,13 +780,10 @@ def _main(argv=None) -> int:
                               "nnUNetTrainerGEMINIFinetune is the supervised-only method)")
     if a.pretrain_decorrelation is not None and not finite(a.pretrain_decorrelation):
         raise GeminiUserError("--pretrain_decorrelation must be a finite weight >= 0")
-    if a.pretrain_restoration_weight is not None and not (finite(a.pretrain_restoration_weight)
-                                                          and a.pretrain_restoration_weight > 0):
-        raise GeminiUserError("--pretrain_restoration_weight must be a finite weight > 0")
     for flag in ("gemini_rampup", "gemini_warmup"):
         if getattr(a, flag) is not None and not 0 <= getattr(a, flag) <= 1:
             raise GeminiUserError(f"--{flag} must be a share of the run between 0 and 1")
-    for flag in ("gemini_deformer_lr", "gemini_lr"):
+    for flag in ("gemini_deformer_lr", "gemini_lr", "pretrain_restoration_weight"):
         if getattr(a, flag) is not None and not (finite(getattr(a, flag)) and getattr(a, flag) > 0):
             raise GeminiUserError(f"--{flag} must be a finite number > 0")
     if a.collection is not None and a.d is not None:
