@@ -218,11 +218,23 @@ def test_report_covers_every_n_of_the_budget_not_only_this_calls():
     assert Benchmark.report_ns(study, [3]) == [1, 2, 3]
 
 
+def _pretraining_benchmark(out, pretrain_ablation):
+    """A collection-mode Benchmark with only what pretrain() and the pre-training keys read."""
+    from nnunet_gemini.benchmark import Benchmark
+    bench = Benchmark.__new__(Benchmark)
+    bench.out, bench.collection_mode, bench.device, bench.revision = out, True, "cpu", "abc"
+    bench.folders = {"nnUNet_results": str(out / "nnUNet_results")}
+    bench.budget = dict(pretrain_epochs=1, pretrain_iters=2)
+    bench.results, bench.n_proc_da_pretrain, bench._save = {"pretraining": {}}, None, lambda: None
+    bench.pretrain_ablation = pretrain_ablation
+    return bench
+
+
 def test_pretraining_ablation_has_its_own_key_checkpoint_command_and_rows(tmp_path, monkeypatch):
     """--pretrain_decorrelation W: this call's pre-training runs with gemini_pretrain --decorrelation W
     into a folder of its own, is recorded under its own key, and is linked where the ablation's trainers
     look; only the methods that load a pre-training get the row label."""
-    from nnunet_gemini.benchmark import Benchmark, method_label
+    from nnunet_gemini.benchmark import method_label
     from nnunet_gemini.pretrained import find_pretrained_checkpoint
     assert method_label("nnUNetTrainerGEMINIFinetune", pretrain_decorrelation=10.0) == \
         "nnUNetTrainerGEMINIFinetune (pre-training decorrelation 10)"
@@ -230,13 +242,7 @@ def test_pretraining_ablation_has_its_own_key_checkpoint_command_and_rows(tmp_pa
         "nnUNetTrainerGEMINI_NoPretrain"
     assert method_label("nnUNetTrainerGEMINI", pretrain_decorrelation=10.0, pretrain_restoration_weight=10.0) == \
         "nnUNetTrainerGEMINI (pre-training decorrelation 10, pre-training restoration weight 10)"
-    bench = Benchmark.__new__(Benchmark)
-    bench.out, bench.collection_mode, bench.device, bench.revision = tmp_path / "study", True, "cpu", "abc"
-    bench.folders = {"nnUNet_results": str(tmp_path / "study" / "nnUNet_results")}
-    bench.budget = dict(pretrain_epochs=1, pretrain_iters=2)
-    bench.results, bench.n_proc_da_pretrain = {"pretraining": {}}, None
-    bench._save = lambda: None
-    bench.pretrain_ablation = {"pretrain_decorrelation": 10.0}
+    bench = _pretraining_benchmark(tmp_path / "study", {"pretrain_decorrelation": 10.0})
     name = "Dataset901_GeminiStudyN1draw0"
     key = bench._pretraining_key("diffeomorphic", name)
     assert key == "diffeomorphic:Dataset901_GeminiStudyN1draw0 (pre-training decorrelation 10)"
@@ -265,12 +271,7 @@ def test_pretraining_ablation_has_its_own_key_checkpoint_command_and_rows(tmp_pa
 
 def test_restoration_weight_ablation_passes_its_flag_to_gemini_pretrain(tmp_path):
     """--pretrain_restoration_weight W: gemini_pretrain --restoration_weight W into a folder of its own."""
-    from nnunet_gemini.benchmark import Benchmark
-    bench = Benchmark.__new__(Benchmark)
-    bench.out, bench.collection_mode, bench.device, bench.revision = tmp_path, True, "cpu", "abc"
-    bench.budget = dict(pretrain_epochs=1, pretrain_iters=2)
-    bench.results, bench.n_proc_da_pretrain, bench._save = {"pretraining": {}}, None, lambda: None
-    bench.pretrain_ablation = {"pretrain_restoration_weight": 10.0}
+    bench = _pretraining_benchmark(tmp_path, {"pretrain_restoration_weight": 10.0})
     name = "Dataset901_GeminiStudyN1draw0"
     checkpoint = bench._pretrain_checkpoint("diffeomorphic", name)
     assert checkpoint.parent == tmp_path / f"pretrain_diffeomorphic_pretrain_restoration_weight10_{name}"
