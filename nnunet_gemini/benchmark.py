@@ -117,6 +117,34 @@ def ablation_suffix(ablation: dict) -> str:
                    for k, v in ablation.items())
 
 
+def run_tag(method: str, ablation: dict, n: int, draw: int, iterations: int) -> str:
+    """The name of a run's stages and logs (train_TAG, predict_TAG, predict_TAG_selection)."""
+    return f"{method}{ablation_suffix(ablation)}_N{n}_draw{draw}_{iterations}it"
+
+
+def pretrain_stage(deformation: str, dataset_name: str, collection_mode: bool, pretrain_ablation: dict) -> str:
+    """The name of a pre-training's stage and log; an ablation's is its folder's name."""
+    if pretrain_ablation:
+        return f"pretrain_{deformation}{ablation_suffix(pretrain_ablation)}_{dataset_name}"
+    return f"pretrain_{deformation}" + (f"_{dataset_name}" if collection_mode else "")
+
+
+def finished_logs(results: dict) -> set:
+    """Log names (in OUT/logs) of the runs and pre-trainings that results.json records as finished:
+    what a study may publish; a stage killed mid-way leaves a log without a result."""
+    collection_mode = "collection" in results
+    names = set()
+    for run in results["runs"]:
+        ablation = {k: run[k] for k in ABLATIONS if k in run}
+        tag = run_tag(run["method"], ablation, run["n"], run["draw"], run["iterations"])
+        names |= {f"train_{tag}.log", f"predict_{tag}.log"} | ({f"predict_{tag}_selection.log"} if "selection" in run
+                                                                else set())
+    for record in results["pretraining"].values():
+        ablation = {k: record[k] for k in PRETRAIN_ABLATIONS if k in record}
+        names.add(f"{pretrain_stage(record['deformation'], record['dataset'], collection_mode, ablation)}.log")
+    return names
+
+
 def method_label(method: str, **ablation) -> str:
     """The name a run is reported and resumed under: the method, with the ablations that apply to
     it in ABLATIONS order, e.g. "nnUNetTrainerGEMINI (weight 0.3, ramp-up 0.1 of the run)"."""
@@ -281,14 +309,12 @@ class Benchmark:
         return key + (f" ({', '.join(parts)})" if parts else "")
 
     def _pretrain_checkpoint(self, deformation: str, dataset_name: str) -> Path:
-        if self.pretrain_ablation:  # beside the standard one; linked where the ablation's trainers look
-            return (self.out / f"pretrain_{deformation}{ablation_suffix(self.pretrain_ablation)}_{dataset_name}"
-                    / "checkpoint_final.pth")
-        if deformation == "diffeomorphic":  # the standard place, where the trainers look for it
+        if deformation == "diffeomorphic" and not self.pretrain_ablation:  # where the trainers look for it
             from nnunet_gemini.pretrained import FINAL_CHECKPOINT, pretrain_output_dir
             return Path(pretrain_output_dir(dataset_name, PLANS, CONFIGURATION, self.folders["nnUNet_results"]),
                         FINAL_CHECKPOINT)
-        folder = "pretrain_displacement" + (f"_{dataset_name}" if self.collection_mode else "")
+        # an ablation's beside the standard one (linked where its trainers look), a displacement one beside that
+        folder = pretrain_stage(deformation, dataset_name, self.collection_mode, self.pretrain_ablation)
         return self.out / folder / "checkpoint_final.pth"
 
     def pretrain(self, deformation: str, dataset_name: str) -> dict:
@@ -305,8 +331,7 @@ class Benchmark:
         cmd += [arg for k, v in self.pretrain_ablation.items() for arg in (ABLATIONS[k][0], f"{v:g}")]
         if deformation != "diffeomorphic" or self.pretrain_ablation:
             cmd += ["-o", str(checkpoint.parent)]
-        stage = checkpoint.parent.name if self.pretrain_ablation else \
-            f"pretrain_{deformation}" + (f"_{dataset_name}" if self.collection_mode else "")
+        stage = pretrain_stage(deformation, dataset_name, self.collection_mode, self.pretrain_ablation)
         seconds = self.run(stage, cmd, extra_env={"nnUNet_n_proc_DA": self.n_proc_da_pretrain}
                            if self.n_proc_da_pretrain is not None else None)
         record = {"deformation": deformation, "dataset": dataset_name, "checkpoint": str(checkpoint),
@@ -366,7 +391,7 @@ class Benchmark:
         cell = self.cells[(n, draw)]
         trainer = TRAINER_OF.get(method, method)
         suffix = ablation_suffix(ablation)
-        tag = f"{method}{suffix}_N{n}_draw{draw}_{iterations}it"
+        tag = run_tag(method, ablation, n, draw, iterations)
         # a reference or ablation run gets its own results folder: it must not replace the budget run of this fold
         results_dir = (str(self.out / "nnUNet_results_reference") if reference else
                        str(self.out / f"nnUNet_results_ablation{suffix}") if ablation else

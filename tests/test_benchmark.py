@@ -145,6 +145,28 @@ def test_ablation_is_a_row_of_its_own_and_keeps_the_main_runs(tiny_study):
     assert rows[:3] == ["nnUNetTrainer", "nnUNetTrainerGEMINI_NoPretrain", label]  # the ablation after its method
 
 
+def test_publish_copies_the_logs_of_finished_runs_only(tiny_study, tmp_path):
+    """benchmarks/publish_study.sh: results and the logs of finished runs (names rebuilt from results.json
+    match the files the runs wrote), the preparing stages' logs, but not a killed run's log."""
+    import shutil
+    import subprocess
+
+    from nnunet_gemini.benchmark import finished_logs
+    out = tiny_study["out"]
+    results = json.loads((out / "results.json").read_text())
+    written = {p.name for p in (out / "logs").iterdir()}
+    run_logs = {n for n in written if n.startswith(("train_", "predict_"))}
+    assert finished_logs(results) == run_logs and len(run_logs) == 2 * len(results["runs"])
+    src = tmp_path / "study"
+    shutil.copytree(out / "logs", src / "logs")
+    shutil.copy(out / "results.json", src)
+    (src / "logs" / "train_nnUNetTrainerGEMINI_N3_draw0_1it.log").write_text("killed\n")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "publish_study.sh")
+    subprocess.run(["bash", script, str(src), str(tmp_path / "dest")], check=True, env=tiny_study["env"])
+    assert {p.name for p in (tmp_path / "dest" / "logs").iterdir()} == written
+    assert (tmp_path / "dest" / "results.json").read_text() == (out / "results.json").read_text()
+
+
 def test_method_labels_and_ablation_results_dir_links_the_shared_pretraining(tmp_path, monkeypatch):
     from nnunet_gemini.benchmark import Benchmark, method_label
     from nnunet_gemini.pretrained import find_pretrained_checkpoint
@@ -234,7 +256,7 @@ def test_pretraining_ablation_has_its_own_key_checkpoint_command_and_rows(tmp_pa
     """--pretrain_decorrelation W: this call's pre-training runs with gemini_pretrain --decorrelation W
     into a folder of its own, is recorded under its own key, and is linked where the ablation's trainers
     look; only the methods that load a pre-training get the row label."""
-    from nnunet_gemini.benchmark import method_label
+    from nnunet_gemini.benchmark import finished_logs, method_label
     from nnunet_gemini.pretrained import find_pretrained_checkpoint
     assert method_label("nnUNetTrainerGEMINIFinetune", pretrain_decorrelation=10.0) == \
         "nnUNetTrainerGEMINIFinetune (pre-training decorrelation 10)"
@@ -261,6 +283,8 @@ def test_pretraining_ablation_has_its_own_key_checkpoint_command_and_rows(tmp_pa
     ((stage, cmd),) = commands
     assert cmd[cmd.index("--decorrelation") + 1] == "10" and cmd[cmd.index("-o") + 1] == str(checkpoint.parent)
     assert stage == checkpoint.parent.name and record["pretrain_decorrelation"] == 10.0
+    assert finished_logs({"runs": [], "pretraining": bench.results["pretraining"], "collection": {}}) == \
+        {f"{stage}.log"}
     assert bench.results["pretraining"][key] is record and bench.pretrain("diffeomorphic", name) is record
     folder = str(tmp_path / "study" / "nnUNet_results_ablation_pretrain_decorrelation10")
     bench._link_pretraining(folder, {"dataset_name": "Dataset903_GeminiStudyN2draw0", "pretrain_dataset": name})
