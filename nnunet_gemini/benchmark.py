@@ -71,10 +71,13 @@ ABLATIONS = {
     # a gemini_pretrain flag, not a trainer option: the call's pre-trainings run with it, under their own key
     "pretrain_decorrelation": ("--decorrelation", "pre-training decorrelation {:g}", USES_PRETRAINING,
                                "gemini_pretrain's weight W of the features' decorrelation term", "0, as released"),
+    "pretrain_encoder_decorrelation": ("--encoder_decorrelation", "pre-training encoder decorrelation {:g}",
+                                       USES_PRETRAINING, "gemini_pretrain's weight W of the decorrelation term "
+                                       "on the encoder stages", "0, as released"),
     "pretrain_restoration_weight": ("--restoration_weight", "pre-training restoration weight {:g}", USES_PRETRAINING,
                                     "gemini_pretrain's weight W of the restoration MSE", "100, as released"),
 }
-PRETRAIN_ABLATIONS = {"pretrain_decorrelation", "pretrain_restoration_weight"}
+PRETRAIN_ABLATIONS = {"pretrain_decorrelation", "pretrain_encoder_decorrelation", "pretrain_restoration_weight"}
 DEMO_ID = 991
 COLLECTION_FIRST_ID = 901  # --collection datasets: 901, 902, ... under -o (never the user's nnUNet_raw)
 CONFIGURATION = "3d_fullres"
@@ -140,7 +143,7 @@ def finished_logs(results: dict) -> set:
         names |= {f"train_{tag}.log", f"predict_{tag}.log"} | ({f"predict_{tag}_selection.log"} if "selection" in run
                                                                 else set())
     for record in results["pretraining"].values():
-        ablation = {k: record[k] for k in PRETRAIN_ABLATIONS if k in record}
+        ablation = {k: record[k] for k in ABLATIONS if k in PRETRAIN_ABLATIONS and k in record}
         names.add(f"{pretrain_stage(record['deformation'], record['dataset'], collection_mode, ablation)}.log")
     return names
 
@@ -803,8 +806,9 @@ def _main(argv=None) -> int:
     if a.gemini_weight is not None and not (finite(a.gemini_weight) and a.gemini_weight > 0):
         raise GeminiUserError("--gemini_weight must be a finite number > 0 (the GEMINI trainers refuse 0: "
                               "nnUNetTrainerGEMINIFinetune is the supervised-only method)")
-    if a.pretrain_decorrelation is not None and not finite(a.pretrain_decorrelation):
-        raise GeminiUserError("--pretrain_decorrelation must be a finite weight >= 0")
+    for flag in ("pretrain_decorrelation", "pretrain_encoder_decorrelation"):
+        if not finite(getattr(a, flag)):
+            raise GeminiUserError(f"--{flag} must be a finite weight >= 0")
     for flag in ("gemini_rampup", "gemini_warmup"):
         if getattr(a, flag) is not None and not 0 <= getattr(a, flag) <= 1:
             raise GeminiUserError(f"--{flag} must be a share of the run between 0 and 1")

@@ -13,4 +13,4 @@ RESTORATION_MODES = ("joint", "separate")  # one forward and step for both losse
 # gemini_pretrain's defaults (800 x 250 = 2e5 iterations and Adam 1e-4, as released)
 PRETRAIN_DEFAULTS = dict(epochs=800, iters_per_epoch=250, lr=1e-4, save_every=5, max_nonfinite=10,
                          example_every=10, seed=12345, deformation="diffeomorphic", restoration_mode="joint",
-                         decorrelation=0.0, restoration_weight=100.0)
+                         decorrelation=0.0, encoder_decorrelation=0.0, restoration_weight=100.0)

@@ -65,6 +65,32 @@ def feature_channels(network: nn.Module) -> int:
     return int(net.encoder.output_channels[0])
 
 
+class EncoderStagesTap:
+    """Forward hooks on every encoder stage: after ``network(x)``, ``.pop()`` returns the stages'
+    outputs of that forward (with their graph), from full resolution down; ``.close()`` removes
+    the hooks."""
+
+    def __init__(self, network: nn.Module):
+        stages = getattr(getattr(unwrap_network(network), "encoder", None), "stages", None)
+        if stages is None or len(stages) == 0:
+            raise GeminiUserError(f"the network {type(unwrap_network(network)).__name__} has no `encoder.stages` "
+                                  "(a U-Net encoder from dynamic_network_architectures)")
+        self.outputs: dict = {}
+        self._handles = [stage.register_forward_hook(lambda m, i, o, k=k: self.outputs.__setitem__(k, o))
+                         for k, stage in enumerate(stages)]
+
+    def pop(self) -> list:
+        if len(self.outputs) != len(self._handles):
+            raise RuntimeError("EncoderStagesTap.pop(): no forward of the network since the last pop")
+        outputs, self.outputs = [self.outputs[k] for k in sorted(self.outputs)], {}
+        return outputs
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.outputs = {}
+
+
 class DecoderFeatureTap:
     """Forward hook on the last decoder stage: after ``network(x)``, ``.features`` holds the
     (B, features_per_stage[0], *patch) features of that same forward (with their graph, so

@@ -63,7 +63,7 @@ from nnunet_gemini.gemini_step import (
 from nnunet_gemini.guarded_step import GRAD_CLIP, Group, GuardedStep
 from nnunet_gemini.heads import build_deformer, build_restoration_head
 from nnunet_gemini.losses import decorrelation_loss, restoration_loss
-from nnunet_gemini.network import DecoderFeatureTap, build_segmentation_network
+from nnunet_gemini.network import DecoderFeatureTap, EncoderStagesTap, build_segmentation_network
 from nnunet_gemini.pretrained import FINAL_CHECKPOINT, FORMAT_VERSION, LATEST_CHECKPOINT, pretrain_output_dir
 from nnunet_gemini.registration import warp
 
@@ -90,6 +90,7 @@ class PretrainOptions:
     restoration: bool = True
     restoration_mode: str = PRETRAIN_DEFAULTS["restoration_mode"]
     decorrelation: float = PRETRAIN_DEFAULTS["decorrelation"]  # weight of the features' decorrelation term
+    encoder_decorrelation: float = PRETRAIN_DEFAULTS["encoder_decorrelation"]  # the same on the encoder stages
     restoration_weight: float = PRETRAIN_DEFAULTS["restoration_weight"]  # of the Models Genesis MSE (released: 100)
     strict: bool = False
     output_dir: Optional[str] = None
@@ -129,14 +130,17 @@ class PretrainModel(nn.Module):
     single DDP wrapper covers every trained parameter and every forward goes through it."""
 
     def __init__(self, network: nn.Module, gemini: GeminiStep, restoration_head: Optional[nn.Module],
-                 decorrelation: float = 0.0, restoration_weight: float = PRETRAIN_DEFAULTS["restoration_weight"]):
+                 decorrelation: float = 0.0, restoration_weight: float = PRETRAIN_DEFAULTS["restoration_weight"],
+                 encoder_decorrelation: float = 0.0):
         super().__init__()
         self.network = network
         self.gemini = gemini
         self.restoration_head = restoration_head
         self.decorrelation = decorrelation
         self.restoration_weight = restoration_weight
+        self.encoder_decorrelation = encoder_decorrelation
         self.tap = DecoderFeatureTap(network)
+        self.encoder_tap = EncoderStagesTap(network)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         self.network(x)
@@ -149,8 +153,10 @@ class PretrainModel(nn.Module):
         p = a.shape[0]
         if task == "restoration":
             rest = restoration_loss(self.restoration_head(self.features(damaged)), target)
+            self.encoder_tap.pop()
             return self.restoration_weight * rest, {"restoration": rest.detach()}
         feats = self.features(torch.cat([a, b] + ([damaged] if damaged is not None else [])))
+        stages = self.encoder_tap.pop()
         loss, logs = self.gemini(a, b, feats[:p], feats[p:2 * p])
         logs = dict(logs)
         # how collapsed the pair's features are, logged at any weight (GSS alone lets them collapse)
@@ -159,6 +165,12 @@ class PretrainModel(nn.Module):
         if self.decorrelation > 0:
             loss = loss + self.decorrelation * decorrelation
         logs["decorrelation"] = decorrelation.detach()
+        # the same on the encoder (mean over its stages): the deep stages collapse most on real MRI
+        with contextlib.nullcontext() if self.encoder_decorrelation > 0 else torch.no_grad():
+            encoder_decorrelation = torch.stack([decorrelation_loss(s[:2 * p]) for s in stages]).mean()
+        if self.encoder_decorrelation > 0:
+            loss = loss + self.encoder_decorrelation * encoder_decorrelation
+        logs["encoder_decorrelation"] = encoder_decorrelation.detach()
         if damaged is not None:
             rest = restoration_loss(self.restoration_head(feats[2 * p:]), target)
             loss = loss + self.restoration_weight * rest
@@ -228,7 +240,7 @@ class GeminiPretrainer:
         gemini = step_from_spec(network, deformer_spec(self.options.deformation))
         head = build_restoration_head(network, self.num_input_channels) if self.options.restoration else None
         self.model = PretrainModel(network, gemini, head, self.options.decorrelation,
-                                    self.options.restoration_weight).to(self.device)
+                                    self.options.restoration_weight, self.options.encoder_decorrelation).to(self.device)
         self.trained_parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.trained_parameters, lr=self.options.lr)
         self.scaler = torch.amp.GradScaler("cuda") if self.use_amp else None
@@ -453,7 +465,7 @@ class GeminiPretrainer:
                         f"{o.epochs} epochs x {o.iters_per_epoch} iterations; Adam lr {o.lr}; deformation "
                         f"{o.deformation}; restoration "
                         f"{'off' if not o.restoration else f'{o.restoration_mode}, weight {o.restoration_weight:g}'}; "
-                        f"decorrelation weight {o.decorrelation:g}; "
+                        f"decorrelation weight {o.decorrelation:g}, on the encoder {o.encoder_decorrelation:g}; "
                         f"device {self.device}; mixed precision {self.use_amp}")
 
     def run(self) -> str:
@@ -486,8 +498,9 @@ class GeminiPretrainer:
                 means = self.logger.end_epoch({"epoch_time_s": time.time() - start,
                                                "lr": self.optimizer.param_groups[0]["lr"]})
                 self.logger.log("  ".join(f"{k} {means[k]:.4f}" for k in
-                                          ("loss", "total", "appearance", "semantic", "smoothness",
-                                           "restoration", "decorrelation", "ncc", "folding_fraction", "epoch_time_s")
+                                          ("loss", "total", "appearance", "semantic", "smoothness", "restoration",
+                                           "decorrelation", "encoder_decorrelation", "ncc", "folding_fraction",
+                                           "epoch_time_s")
                                           if k in means and math.isfinite(means[k])))
                 last = self.epoch == self.options.epochs
                 if self.epoch % self.options.save_every == 0 or last:

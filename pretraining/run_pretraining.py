@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decorrelation", type=float, default=PRETRAIN_DEFAULTS["decorrelation"],
                    help="weight of a decorrelation term on the features' channels (0: off, as released; "
                         "GSS has no negatives, so without it the features may collapse into few dimensions)")
+    p.add_argument("--encoder_decorrelation", type=float, default=PRETRAIN_DEFAULTS["encoder_decorrelation"],
+                   help="weight of the same term on every encoder stage's output, averaged over the stages "
+                        "(0: off, as released)")
     p.add_argument("--preprocess_only", action="store_true", help="stop after preprocessing the pool")
     p.add_argument("--strict", action="store_true",
                    help="unreadable or non-finite pool images are errors instead of skipped cases")
@@ -104,8 +107,9 @@ def options_from_args(args: argparse.Namespace):
             raise GeminiUserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.batch_size is not None and args.batch_size < 1:
         raise GeminiUserError(f"--batch_size must be >= 1, got {args.batch_size}")
-    if not args.decorrelation >= 0:
-        raise GeminiUserError(f"--decorrelation must be >= 0 (0: off), got {args.decorrelation}")
+    for name in ("decorrelation", "encoder_decorrelation"):
+        if not 0 <= getattr(args, name) < float("inf"):
+            raise GeminiUserError(f"--{name} must be a finite weight >= 0 (0: off), got {getattr(args, name)}")
     if not 0 < args.restoration_weight < float("inf"):
         raise GeminiUserError(f"--restoration_weight must be a finite weight > 0, got {args.restoration_weight} "
                               "(to pre-train without restoration, pass --no_restoration)")
@@ -120,6 +124,7 @@ def options_from_args(args: argparse.Namespace):
         unlabeled_dirs=[os.path.abspath(d) for d in args.unlabeled_dirs],
         include_test_images=args.include_test_images, restoration=args.restoration,
         restoration_mode=args.restoration_mode, decorrelation=args.decorrelation,
+        encoder_decorrelation=args.encoder_decorrelation,
         restoration_weight=args.restoration_weight, strict=args.strict,
         output_dir=os.path.abspath(args.output_dir) if args.output_dir else None, save_every=args.save_every,
         max_nonfinite=args.max_nonfinite, example_every=args.example_every, compile=args.compile, seed=args.seed)

@@ -208,7 +208,8 @@ def test_method_labels_and_ablation_results_dir_links_the_shared_pretraining(tmp
                                   ["--gemini_weight", "-1"], ["--gemini_weight", "nan"], ["--gemini_weight", "0"],
                                   ["--gemini_rampup", "-0.1"], ["--gemini_rampup", "2"], ["--gemini_warmup", "1.5"],
                                   ["--gemini_lr", "0"], ["--gemini_deformer_lr=-1e-4"],
-                                  ["--pretrain_decorrelation=-1"], ["--pretrain_restoration_weight", "0"]])
+                                  ["--pretrain_decorrelation=-1"], ["--pretrain_encoder_decorrelation", "inf"],
+                                  ["--pretrain_restoration_weight", "0"]])
 def test_out_of_range_counts_and_weights_are_refused_before_anything_runs(flag, tmp_path, capsys):
     from nnunet_gemini.benchmark import main
     with pytest.raises(SystemExit) as exit_info:
@@ -262,8 +263,9 @@ def test_pretraining_ablation_has_its_own_key_checkpoint_command_and_rows(tmp_pa
         "nnUNetTrainerGEMINIFinetune (pre-training decorrelation 10)"
     assert method_label("nnUNetTrainerGEMINI_NoPretrain", pretrain_decorrelation=10.0) == \
         "nnUNetTrainerGEMINI_NoPretrain"
-    assert method_label("nnUNetTrainerGEMINI", pretrain_decorrelation=10.0, pretrain_restoration_weight=10.0) == \
-        "nnUNetTrainerGEMINI (pre-training decorrelation 10, pre-training restoration weight 10)"
+    assert method_label("nnUNetTrainerGEMINI", pretrain_restoration_weight=10.0, pretrain_decorrelation=10.0,
+                        pretrain_encoder_decorrelation=1.0) == "nnUNetTrainerGEMINI (pre-training decorrelation 10, " \
+        "pre-training encoder decorrelation 1, pre-training restoration weight 10)"
     bench = _pretraining_benchmark(tmp_path / "study", {"pretrain_decorrelation": 10.0})
     name = "Dataset901_GeminiStudyN1draw0"
     key = bench._pretraining_key("diffeomorphic", name)
@@ -293,12 +295,16 @@ def test_pretraining_ablation_has_its_own_key_checkpoint_command_and_rows(tmp_pa
     assert found is not None and open(found, "rb").read() == b"decorrelated"
 
 
-def test_restoration_weight_ablation_passes_its_flag_to_gemini_pretrain(tmp_path):
-    """--pretrain_restoration_weight W: gemini_pretrain --restoration_weight W into a folder of its own."""
-    bench = _pretraining_benchmark(tmp_path, {"pretrain_restoration_weight": 10.0})
+@pytest.mark.parametrize("key,flag,label", [
+    ("pretrain_restoration_weight", "--restoration_weight", "restoration weight"),
+    ("pretrain_encoder_decorrelation", "--encoder_decorrelation", "encoder decorrelation")])
+def test_pretraining_ablation_passes_its_flag_to_gemini_pretrain(key, flag, label, tmp_path):
+    """--pretrain_restoration_weight / --pretrain_encoder_decorrelation W: gemini_pretrain FLAG W into a
+    folder of its own, under a key of its own."""
+    bench = _pretraining_benchmark(tmp_path, {key: 10.0})
     name = "Dataset901_GeminiStudyN1draw0"
     checkpoint = bench._pretrain_checkpoint("diffeomorphic", name)
-    assert checkpoint.parent == tmp_path / f"pretrain_diffeomorphic_pretrain_restoration_weight10_{name}"
+    assert checkpoint.parent == tmp_path / f"pretrain_diffeomorphic_{key}10_{name}"
     commands = []
 
     def run(stage, cmd, extra_env=None):
@@ -309,6 +315,6 @@ def test_restoration_weight_ablation_passes_its_flag_to_gemini_pretrain(tmp_path
     bench.run = run
     record = bench.pretrain("diffeomorphic", name)
     ((cmd,),) = [commands]
-    assert cmd[cmd.index("--restoration_weight") + 1] == "10" and "--decorrelation" not in cmd
-    assert record["pretrain_restoration_weight"] == 10.0
-    assert bench._pretraining_key("diffeomorphic", name).endswith("(pre-training restoration weight 10)")
+    assert cmd[cmd.index(flag) + 1] == "10" and "--decorrelation" not in cmd
+    assert record[key] == 10.0
+    assert bench._pretraining_key("diffeomorphic", name).endswith(f"(pre-training {label} 10)")

@@ -209,7 +209,56 @@ def test_decorrelation_term_is_logged_always_and_trained_only_with_its_weight(in
     assert losses[0.0][0] == pytest.approx(losses[0.0][1], rel=1e-6)  # weight 0: not in the loss
     assert losses[2.0][0] == pytest.approx(losses[2.0][1] + 2.0 * losses[2.0][2], rel=1e-5)
     t.log_options()
-    assert "decorrelation weight 2;" in open(t.logger.log_file).read()
+    assert "decorrelation weight 2, on the encoder 0;" in open(t.logger.log_file).read()
+
+
+def test_encoder_decorrelation_is_the_mean_over_encoder_stages_and_trains_only_with_its_weight(in_process_env,
+                                                                                                tmp_path):
+    """--encoder_decorrelation W adds W x the mean decorrelation_loss of the pair's encoder stage outputs;
+    at 0 (the default, as released) it is only logged. Its gradient reaches the encoder, not the decoder."""
+    from nnunet_gemini.losses import decorrelation_loss
+    for weight in (0.0, 3.0):
+        torch.manual_seed(0)
+        t = _trainer(tmp_path / str(weight), restoration=False, encoder_decorrelation=weight)
+        batch = _fixed_pair(t)
+        outputs = []
+        hooks = [s.register_forward_hook(lambda m, i, o: outputs.append(o.detach()))
+                 for s in t.model.network.encoder.stages]
+        loss, logs = t.model(batch["a"], batch["b"])
+        for h in hooks:
+            h.remove()
+        assert len(outputs) == len(t.model.network.encoder.stages) >= 3
+        expected = float(torch.stack([decorrelation_loss(o) for o in outputs]).mean())
+        assert float(logs["encoder_decorrelation"]) == pytest.approx(expected, rel=1e-5) and 0 < expected < 1
+        rest = float(logs["total"]) + t.options.decorrelation * float(logs["decorrelation"])
+        assert float(loss.detach()) == pytest.approx(rest + weight * expected, rel=1e-5)
+        if weight:  # the term alone: encoder gradients, none in the decoder
+            t.optimizer.zero_grad()
+            t.model.gemini = _NoGemini()
+            t.model(batch["a"], batch["b"])[0].backward()
+            grads = {n: p.grad for n, p in t.model.network.named_parameters() if p.requires_grad}
+            assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("encoder."))
+            assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if n.startswith("decoder."))
+            t.log_options()
+            assert "decorrelation weight 0, on the encoder 3;" in open(t.logger.log_file).read()
+
+
+class _NoGemini(torch.nn.Module):
+    """A GEMINI step that contributes nothing: isolates the decorrelation terms' gradients."""
+
+    def forward(self, a, b, fa, fb):
+        zero = fa.sum() * 0
+        return zero, {"total": zero.detach()}
+
+
+@pytest.mark.parametrize("flag,value", [("--encoder_decorrelation", "-1"), ("--encoder_decorrelation", "inf"),
+                                        ("--decorrelation", "nan")])
+def test_decorrelation_weights_out_of_range_are_refused(flag, value):
+    from nnunet_gemini.errors import GeminiUserError
+    from nnunet_gemini.pretraining.run_pretraining import build_parser, options_from_args
+    args = build_parser().parse_args(["-d", "1", flag, value])
+    with pytest.raises(GeminiUserError, match=f"{flag} must be a finite weight >= 0"):
+        options_from_args(args)
 
 
 def test_restoration_weight_scales_only_the_restoration_term(in_process_env, tmp_path):
