@@ -143,8 +143,12 @@ class PretrainModel(nn.Module):
         self.encoder_tap = EncoderStagesTap(network)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features_and_encoder_stages(x)[0]
+
+    def features_and_encoder_stages(self, x: torch.Tensor):
+        """(decoder features, [encoder stage outputs]) of one forward; both taps are emptied."""
         self.network(x)
-        return self.tap.pop()
+        return self.tap.pop(), self.encoder_tap.pop()
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, damaged: Optional[torch.Tensor] = None,
                 target: Optional[torch.Tensor] = None, task: str = "gemini"):
@@ -153,10 +157,8 @@ class PretrainModel(nn.Module):
         p = a.shape[0]
         if task == "restoration":
             rest = restoration_loss(self.restoration_head(self.features(damaged)), target)
-            self.encoder_tap.pop()
             return self.restoration_weight * rest, {"restoration": rest.detach()}
-        feats = self.features(torch.cat([a, b] + ([damaged] if damaged is not None else [])))
-        stages = self.encoder_tap.pop()
+        feats, stages = self.features_and_encoder_stages(torch.cat([a, b] + ([damaged] if damaged is not None else [])))
         loss, logs = self.gemini(a, b, feats[:p], feats[p:2 * p])
         logs = dict(logs)
         # how collapsed the pair's features are, logged at any weight (GSS alone lets them collapse)
