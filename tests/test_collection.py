@@ -217,7 +217,8 @@ def test_pretraining_ablation_runs_its_own_pretraining_and_rows(collection_study
     assert results["pretraining"][key]["pretrain_decorrelation"] == 1
     checkpoint = Path(results["pretraining"][key]["checkpoint"])
     assert checkpoint.is_file() and checkpoint.parent.parent == out
-    assert "decorrelation weight 1;" in open(glob.glob(str(checkpoint.parent / "training_log_*.txt"))[0]).read()
+    log = open(glob.glob(str(checkpoint.parent / "training_log_*.txt"))[0]).read()
+    assert "decorrelation weight 1, on the encoder 0;" in log
     assert not glob.glob(str(out / "nnUNet_results" / "*" / "GEMINIPretrain__*" / "fold_all" / "checkpoint_final.pth"))
     (run,) = [r for r in results["runs"] if r["method"] == "nnUNetTrainerGEMINIFinetune"]
     assert run["label"] == "nnUNetTrainerGEMINIFinetune (pre-training decorrelation 1)" and run["pretraining"] == key
