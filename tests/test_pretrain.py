@@ -200,7 +200,7 @@ def test_decorrelation_term_is_logged_always_and_trained_only_with_its_weight(in
             expected = decorrelation_loss(t.model.features(torch.cat([batch["a"], batch["b"]])))
         assert float(logs["decorrelation"]) == pytest.approx(float(expected), rel=1e-5)
         assert 0 < float(expected) < 1
-        losses[weight] = (float(loss), float(logs["total"]), float(expected))
+        losses[weight] = (float(loss.detach()), float(logs["total"]), float(expected))
         if weight:
             t.optimizer.zero_grad()
             loss.backward()
