@@ -54,7 +54,7 @@ def main():
     torch.manual_seed(a.seed)
     from probe_common import checkpoint_and_pool_loader
 
-    from nnunet_gemini.network import DecoderFeatureTap, build_segmentation_network
+    from nnunet_gemini.network import DecoderFeatureTap, EncoderStagesTap, build_segmentation_network
     from nnunet_gemini.pretrained import load_network_weights
 
     model, patch, loader = checkpoint_and_pool_loader(a.checkpoint, a.pool)
@@ -70,14 +70,11 @@ def main():
     out = {"patch": list(patch), "patches": a.patches, "networks": {}}
     for name, net in networks.items():
         net.eval()
-        encoder = {}  # each encoder stage's output, for comparison with the decoder's features
-        hooks = [stage.register_forward_hook(lambda m, i, o, k=k: encoder.__setitem__(f"encoder stage {k}", o))
-                 for k, stage in enumerate(net.encoder.stages)]
-        with torch.no_grad(), DecoderFeatureTap(net) as tap:
+        # each encoder stage's output too, for comparison with the decoder's features
+        with torch.no_grad(), DecoderFeatureTap(net) as tap, EncoderStagesTap(net) as encoder:
             net(images)
-            tapped = {"decoder features (GEMINI's f)": tap.pop().float(), **encoder}
-        for h in hooks:
-            h.remove()
+            tapped = {"decoder features (GEMINI's f)": tap.pop().float(),
+                      **{f"encoder stage {k}": o for k, o in enumerate(encoder.pop())}}
         out["networks"][name] = {}
         for where, f in tapped.items():
             rng = np.random.default_rng(a.seed)

@@ -67,8 +67,8 @@ def feature_channels(network: nn.Module) -> int:
 
 class EncoderStagesTap:
     """Forward hooks on every encoder stage: after ``network(x)``, ``.pop()`` returns the stages'
-    outputs of that forward (with their graph), from full resolution down; ``.close()`` removes
-    the hooks."""
+    outputs of that forward (with their graph), from full resolution down; ``.close()`` (or leaving
+    a ``with`` block) removes the hooks."""
 
     def __init__(self, network: nn.Module):
         stages = getattr(getattr(unwrap_network(network), "encoder", None), "stages", None)
@@ -89,6 +89,12 @@ class EncoderStagesTap:
         for handle in self._handles:
             handle.remove()
         self.outputs = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class DecoderFeatureTap:

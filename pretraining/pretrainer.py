@@ -161,18 +161,17 @@ class PretrainModel(nn.Module):
         feats, stages = self.features_and_encoder_stages(torch.cat([a, b] + ([damaged] if damaged is not None else [])))
         loss, logs = self.gemini(a, b, feats[:p], feats[p:2 * p])
         logs = dict(logs)
-        # how collapsed the pair's features are, logged at any weight (GSS alone lets them collapse)
-        with contextlib.nullcontext() if self.decorrelation > 0 else torch.no_grad():
-            decorrelation = decorrelation_loss(feats[:2 * p])
-        if self.decorrelation > 0:
-            loss = loss + self.decorrelation * decorrelation
-        logs["decorrelation"] = decorrelation.detach()
-        # the same on the encoder (mean over its stages): the deep stages collapse most on real MRI
-        with contextlib.nullcontext() if self.encoder_decorrelation > 0 else torch.no_grad():
-            encoder_decorrelation = torch.stack([decorrelation_loss(s[:2 * p]) for s in stages]).mean()
-        if self.encoder_decorrelation > 0:
-            loss = loss + self.encoder_decorrelation * encoder_decorrelation
-        logs["encoder_decorrelation"] = encoder_decorrelation.detach()
+        # how collapsed the pair's features are (decoder; encoder, mean over its stages: the deep stages
+        # collapse most on real MRI), logged at any weight (GSS alone lets them collapse)
+        for name, weight, term in (
+                ("decorrelation", self.decorrelation, lambda: decorrelation_loss(feats[:2 * p])),
+                ("encoder_decorrelation", self.encoder_decorrelation,
+                 lambda: torch.stack([decorrelation_loss(s[:2 * p]) for s in stages]).mean())):
+            with contextlib.nullcontext() if weight > 0 else torch.no_grad():
+                value = term()
+            if weight > 0:
+                loss = loss + weight * value
+            logs[name] = value.detach()
         if damaged is not None:
             rest = restoration_loss(self.restoration_head(feats[2 * p:]), target)
             loss = loss + self.restoration_weight * rest
