@@ -132,20 +132,36 @@ def pretrain_stage(deformation: str, dataset_name: str, collection_mode: bool, p
     return f"pretrain_{deformation}" + (f"_{dataset_name}" if collection_mode else "")
 
 
-def finished_logs(results: dict) -> set:
-    """Log names (in OUT/logs) of the runs and pre-trainings that results.json records as finished:
-    what a study may publish; a stage killed mid-way leaves a log without a result."""
+def results_root_name(reference: bool, ablation: dict) -> str:
+    """The nnUNet_results folder of a run, named as under OUT (a plain run's is the study's own,
+    which lies under OUT in collection mode): a reference or ablation run must not replace the
+    budget run of its fold."""
+    return ("nnUNet_results_reference" if reference else
+            f"nnUNet_results_ablation{ablation_suffix(ablation)}" if ablation else "nnUNet_results")
+
+
+def finished_outputs(results: dict) -> tuple:
+    """(log names in OUT/logs, folders relative to OUT) of the runs and pre-trainings that
+    results.json records as finished: what a study may publish; a stage killed mid-way leaves a
+    log and a folder without a result."""
+    from nnunet_gemini.pretrained import pretrain_output_dir
     collection_mode = "collection" in results
-    names = set()
+    logs, folders = set(), set()
     for run in results["runs"]:
         ablation = {k: run[k] for k in ABLATIONS if k in run}
         tag = run_tag(run["method"], ablation, run["n"], run["draw"], run["iterations"])
-        names |= {f"train_{tag}.log", f"predict_{tag}.log"} | ({f"predict_{tag}_selection.log"} if "selection" in run
-                                                                else set())
+        logs |= {f"train_{tag}.log", f"predict_{tag}.log"} | ({f"predict_{tag}_selection.log"} if "selection" in run
+                                                               else set())
+        folders.add(f"{results_root_name(run['reference'], ablation)}/{run['dataset']}/"
+                    f"{run['trainer']}__{PLANS}__{CONFIGURATION}/fold_{run['fold']}")
     for record in results["pretraining"].values():
         ablation = {k: record[k] for k in ABLATIONS if k in PRETRAIN_ABLATIONS and k in record}
-        names.add(f"{pretrain_stage(record['deformation'], record['dataset'], collection_mode, ablation)}.log")
-    return names
+        stage = pretrain_stage(record["deformation"], record["dataset"], collection_mode, ablation)
+        logs.add(f"{stage}.log")
+        standard = record["deformation"] == "diffeomorphic" and not ablation  # as in _pretrain_checkpoint
+        folders.add(pretrain_output_dir(record["dataset"], PLANS, CONFIGURATION, "nnUNet_results") if standard
+                    else stage)
+    return logs, folders
 
 
 def method_label(method: str, **ablation) -> str:
@@ -393,11 +409,8 @@ class Benchmark:
             return done
         cell = self.cells[(n, draw)]
         trainer = TRAINER_OF.get(method, method)
-        suffix = ablation_suffix(ablation)
         tag = run_tag(method, ablation, n, draw, iterations)
-        # a reference or ablation run gets its own results folder: it must not replace the budget run of this fold
-        results_dir = (str(self.out / "nnUNet_results_reference") if reference else
-                       str(self.out / f"nnUNet_results_ablation{suffix}") if ablation else
+        results_dir = (str(self.out / results_root_name(reference, ablation)) if reference or ablation else
                        self.folders["nnUNet_results"])
         pretraining_key = self._pretraining_key("diffeomorphic", cell["pretrain_dataset"])
         if method in USES_PRETRAINING:

@@ -145,26 +145,38 @@ def test_ablation_is_a_row_of_its_own_and_keeps_the_main_runs(tiny_study):
     assert rows[:3] == ["nnUNetTrainer", "nnUNetTrainerGEMINI_NoPretrain", label]  # the ablation after its method
 
 
-def test_publish_copies_the_logs_of_finished_runs_only(tiny_study, tmp_path):
-    """benchmarks/publish_study.sh: results and the logs of finished runs (names rebuilt from results.json
-    match the files the runs wrote), the preparing stages' logs, but not a killed run's log."""
+def test_publish_copies_the_logs_and_plots_of_finished_runs_only(tiny_study, tmp_path):
+    """benchmarks/publish_study.sh: results, the logs of finished runs (names rebuilt from results.json
+    match the files the runs wrote), the preparing stages' logs, and the finished runs' training logs
+    and plots, but not a killed run's log or folder."""
     import shutil
     import subprocess
 
-    from nnunet_gemini.benchmark import finished_logs
+    from nnunet_gemini.benchmark import finished_outputs
     out = tiny_study["out"]
     results = json.loads((out / "results.json").read_text())
     written = {p.name for p in (out / "logs").iterdir()}
     run_logs = {n for n in written if n.startswith(("train_", "predict_"))}
-    assert finished_logs(results) == run_logs and len(run_logs) == 2 * len(results["runs"])
+    logs, folders = finished_outputs(results)
+    assert logs == run_logs and len(run_logs) == 2 * len(results["runs"])
     src = tmp_path / "study"
     shutil.copytree(out / "logs", src / "logs")
     shutil.copy(out / "results.json", src)
+    # the runs' own folders, laid out as in collection mode (the study's nnUNet_results under -o)
+    shutil.copytree(tiny_study["env"]["nnUNet_results"], src / "nnUNet_results")
+    assert len(folders) == len(results["runs"]) and all((src / f / "progress.png").is_file() for f in folders)
     (src / "logs" / "train_nnUNetTrainerGEMINI_N3_draw0_1it.log").write_text("killed\n")
+    killed = src / "nnUNet_results" / "Dataset999_Killed" / "nnUNetTrainerGEMINI__nnUNetPlans__3d_fullres" / "fold_0"
+    killed.mkdir(parents=True)
+    (killed / "training_log_2026_1_1_00_00_00.txt").write_text("killed\n")
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "publish_study.sh")
     subprocess.run(["bash", script, str(src), str(tmp_path / "dest")], check=True, env=tiny_study["env"])
     assert {p.name for p in (tmp_path / "dest" / "logs").iterdir()} == written
     assert (tmp_path / "dest" / "results.json").read_text() == (out / "results.json").read_text()
+    published = {str(p.relative_to(tmp_path / "dest" / "runs")) for p in (tmp_path / "dest" / "runs").rglob("*.*")}
+    expected = {str(p.relative_to(src)) for f in folders for p in (src / f).iterdir()
+                if p.name.startswith(("training_log_", "progress")) and p.suffix in (".txt", ".png")}
+    assert published == expected and not any("Killed" in p for p in published)
 
 
 def test_method_labels_and_ablation_results_dir_links_the_shared_pretraining(tmp_path, monkeypatch):
@@ -257,7 +269,7 @@ def test_pretraining_ablation_has_its_own_key_checkpoint_command_and_rows(tmp_pa
     """--pretrain_decorrelation W: this call's pre-training runs with gemini_pretrain --decorrelation W
     into a folder of its own, is recorded under its own key, and is linked where the ablation's trainers
     look; only the methods that load a pre-training get the row label."""
-    from nnunet_gemini.benchmark import finished_logs, method_label
+    from nnunet_gemini.benchmark import finished_outputs, method_label
     from nnunet_gemini.pretrained import find_pretrained_checkpoint
     assert method_label("nnUNetTrainerGEMINIFinetune", pretrain_decorrelation=10.0) == \
         "nnUNetTrainerGEMINIFinetune (pre-training decorrelation 10)"
@@ -285,8 +297,13 @@ def test_pretraining_ablation_has_its_own_key_checkpoint_command_and_rows(tmp_pa
     ((stage, cmd),) = commands
     assert cmd[cmd.index("--decorrelation") + 1] == "10" and cmd[cmd.index("-o") + 1] == str(checkpoint.parent)
     assert stage == checkpoint.parent.name and record["pretrain_decorrelation"] == 10.0
-    assert finished_logs({"runs": [], "pretraining": bench.results["pretraining"], "collection": {}}) == \
-        {f"{stage}.log"}
+    assert finished_outputs({"runs": [], "pretraining": bench.results["pretraining"], "collection": {}}) == \
+        ({f"{stage}.log"}, {stage})
+    standard = _pretraining_benchmark(tmp_path / "study", {})  # the one the trainers find, in nnUNet_results
+    plain = {"deformation": "diffeomorphic", "dataset": name}
+    assert finished_outputs({"runs": [], "pretraining": {"k": plain}, "collection": {}}) == \
+        ({f"pretrain_diffeomorphic_{name}.log"},
+         {str(standard._pretrain_checkpoint("diffeomorphic", name).parent.relative_to(tmp_path / "study"))})
     assert bench.results["pretraining"][key] is record and bench.pretrain("diffeomorphic", name) is record
     folder = str(tmp_path / "study" / "nnUNet_results_ablation_pretrain_decorrelation10")
     bench._link_pretraining(folder, {"dataset_name": "Dataset903_GeminiStudyN2draw0", "pretrain_dataset": name})
