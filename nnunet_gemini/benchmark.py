@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from nnunet_gemini.atomic import write_json_atomic
-from nnunet_gemini.choices import DEFORMATIONS, PAIR_POSITIONS
+from nnunet_gemini.choices import DEFORMATIONS, PAIR_POSITIONS, TRANSFERS
 from nnunet_gemini.datasets import dataset_id_of
 from nnunet_gemini.errors import GeminiUserError, run_cli
 from nnunet_gemini.workflow import StageRunner, default_device, nnunet_folders, project_revision, score_predictions
@@ -68,6 +68,9 @@ ABLATIONS = {
                   "nnU-Net's 1e-2"),
     "gemini_warmup": ("nnUNet_gemini_warmup", "warm-up {:g} of the run", GEMINI_TRAINERS,
                       "linear warm-up of the network's learning rate over the first share S of the run", "none"),
+    "gemini_transfer": ("nnUNet_gemini_transfer", "transfer {}", USES_PRETRAINING,
+                        "what the pre-trained start loads: all but the segmentation layers, or the encoder only",
+                        "all"),
     # a gemini_pretrain flag, not a trainer option: the call's pre-trainings run with it, under their own key
     "pretrain_decorrelation": ("--decorrelation", "pre-training decorrelation {:g}", USES_PRETRAINING,
                                "gemini_pretrain's weight W of the features' decorrelation term", "0, as released"),
@@ -78,6 +81,7 @@ ABLATIONS = {
                                     "gemini_pretrain's weight W of the restoration MSE", "100, as released"),
 }
 PRETRAIN_ABLATIONS = {"pretrain_decorrelation", "pretrain_encoder_decorrelation", "pretrain_restoration_weight"}
+CHOICE_ABLATIONS = {"gemini_pair_positions": PAIR_POSITIONS, "gemini_transfer": TRANSFERS}  # the others: numbers
 DEMO_ID = 991
 COLLECTION_FIRST_ID = 901  # --collection datasets: 901, 902, ... under -o (never the user's nnUNet_raw)
 CONFIGURATION = "3d_fullres"
@@ -772,10 +776,11 @@ def _main(argv=None) -> int:
         p.add_argument(f"--{key}", type=int, default=None, help=f"override the budget's {key.replace('_', ' ')}")
     for flag, (var, label, applies_to, what, default) in ABLATIONS.items():
         who = ("the methods with the GEMINI loss" if applies_to is USES_GEMINI_LOSS else
-               "the pre-trainings and the methods that load them" if applies_to is USES_PRETRAINING else
+               "the pre-trainings and the methods that load them" if flag in PRETRAIN_ABLATIONS else
+               "the methods that load the pre-training" if applies_to is USES_PRETRAINING else
                "every GEMINI trainer")
         whose = "gemini_pretrain's" if flag in PRETRAIN_ABLATIONS else "the trainers'"
-        kind = dict(choices=PAIR_POSITIONS) if flag == "gemini_pair_positions" else \
+        kind = dict(choices=CHOICE_ABLATIONS[flag]) if flag in CHOICE_ABLATIONS else \
             dict(type=float, metavar="S" if "share" in what else "W" if "weight" in what else "LR")
         p.add_argument(f"--{flag}", default=None, **kind,
                        help=f"ablation: {var} ({what}) for {who}; their runs are rows of their own, labelled "

@@ -9,6 +9,10 @@ DEFAULT_DEFORMER_RESOLUTION = "half"  # measured choice: see docs/design.md
 # released code registered whole volumes, so a pair showed corresponding anatomy), or
 # "independent" random positions (an ablation of that correspondence).
 PAIR_POSITIONS = ("same", "independent")
+# What a downstream training takes from a pre-training: every weight but the segmentation layers
+# ("all", the GVSL protocol the released code follows), or the encoder only (decoder and deformer
+# start fresh: their pre-trained features serve the restoration and GEMINI tasks, not segmentation).
+TRANSFERS = ("all", "encoder")
 RESTORATION_MODES = ("joint", "separate")  # one forward and step for both losses, or the released two
 # gemini_pretrain's defaults (800 x 250 = 2e5 iterations and Adam 1e-4, as released)
 PRETRAIN_DEFAULTS = dict(epochs=800, iters_per_epoch=250, lr=1e-4, save_every=5, max_nonfinite=10,

@@ -4,12 +4,14 @@ loaded (weights_only) and applied to a downstream network and deformer.
 Written by gemini_pretrain (nnunet_gemini.pretraining), read by our trainers. The schema is in
 docs/internal-api.md: ``network_weights`` is the FULL segmentation network state dict (CPU
 tensors), so plain ``nnUNetv2_train -pretrained_weights`` accepts the same file.
-Transfer follows the GVSL protocol: every network weight except the segmentation convs
-(``.seg_layers.``, new for the downstream labels) is loaded, then everything is fine-tuned.
+Transfer follows the GVSL protocol by default: every network weight except the segmentation convs
+(``.seg_layers.``, new for the downstream labels) is loaded, then everything is fine-tuned (or the
+encoder only: nnUNet_gemini_transfer=encoder).
 """
 import os
 from typing import Dict, List, Optional
 
+from nnunet_gemini.choices import TRANSFERS
 from nnunet_gemini.errors import GeminiUserError
 
 PRETRAIN_TRAINER_NAME = "GEMINIPretrain"
@@ -83,11 +85,13 @@ def load_network_weights(network, weights: Dict, checkpoint_name: str, fix: str 
 
 
 def apply_pretrained(ckpt: Dict, network, deformer=None, expected_fields: Optional[Dict] = None,
-                     checkpoint_name: str = "the pre-trained checkpoint") -> List[str]:
+                     checkpoint_name: str = "the pre-trained checkpoint", transfer: str = "all") -> List[str]:
     """Load ckpt's network weights (all but `.seg_layers.`, load_network_weights' rule) into
     ``network`` (DDP/compile wrappers are unwrapped) and, when given and present, the deformer
-    weights. With ``expected_fields`` (checkpoints.network_compatibility_fields of the downstream
-    run) the compatibility is checked first. Returns warning strings (spacing / patch size differ,
+    weights; transfer="encoder" loads the encoder's weights only (choices.TRANSFERS; the caller
+    then passes no deformer: one trained on the pre-trained decoder's features fits no other).
+    With ``expected_fields`` (checkpoints.network_compatibility_fields of the downstream run) the
+    compatibility is checked first. Returns warning strings (spacing / patch size differ,
     no deformer weights); raises GeminiUserError naming both sides on any mismatch."""
     from nnunet_gemini.checkpoints import check_compatibility
     from nnunet_gemini.network import unwrap_network
@@ -95,7 +99,19 @@ def apply_pretrained(ckpt: Dict, network, deformer=None, expected_fields: Option
     warnings: List[str] = []
     if expected_fields is not None:
         warnings += check_compatibility(ckpt.get("meta", {}).get("compat", {}), expected_fields, checkpoint_name)
-    load_network_weights(network, ckpt["network_weights"], checkpoint_name)
+    if transfer == "encoder":
+        net = unwrap_network(network)
+        encoder = getattr(net, "encoder", None)
+        if encoder is None:
+            raise GeminiUserError(f"nnUNet_gemini_transfer=encoder: this network ({type(net).__name__}) has no "
+                                  f".encoder to load {checkpoint_name} into: unset nnUNet_gemini_transfer.")
+        # by the encoder module itself: the decoder holds the same tensors again under decoder.encoder.*
+        load_network_weights(encoder, {k[len("encoder."):]: v for k, v in ckpt["network_weights"].items()
+                                       if k.startswith("encoder.")}, checkpoint_name)
+    elif transfer == "all":
+        load_network_weights(network, ckpt["network_weights"], checkpoint_name)
+    else:
+        raise ValueError(f"transfer {transfer!r} is not one of {TRANSFERS}")
     if deformer is not None:
         deformer_weights = ckpt.get("deformer_weights")
         if not deformer_weights:

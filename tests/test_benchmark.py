@@ -180,7 +180,7 @@ def test_publish_copies_the_logs_and_plots_of_finished_runs_only(tiny_study, tmp
 
 
 def test_method_labels_and_ablation_results_dir_links_the_shared_pretraining(tmp_path, monkeypatch):
-    from nnunet_gemini.benchmark import Benchmark, method_label
+    from nnunet_gemini.benchmark import Benchmark, method_label, run_tag
     from nnunet_gemini.pretrained import find_pretrained_checkpoint
     assert method_label("nnUNetTrainerGEMINI") == "nnUNetTrainerGEMINI"
     assert method_label("nnUNetTrainerGEMINI", gemini_weight=0.3) == "nnUNetTrainerGEMINI (weight 0.3)"
@@ -192,6 +192,12 @@ def test_method_labels_and_ablation_results_dir_links_the_shared_pretraining(tmp
     assert method_label("nnUNetTrainerGEMINIFinetune", gemini_warmup=0.05, gemini_lr=0.001) == \
         "nnUNetTrainerGEMINIFinetune (lr 0.001, warm-up 0.05 of the run)"
     assert method_label("nnUNetTrainer", gemini_warmup=0.05) == "nnUNetTrainer"  # stock nnU-Net stays stock
+    assert method_label("nnUNetTrainerGEMINIFinetune", gemini_transfer="encoder", pretrain_decorrelation=10.0) == \
+        "nnUNetTrainerGEMINIFinetune (transfer encoder, pre-training decorrelation 10)"
+    assert method_label("nnUNetTrainerGEMINI_NoPretrain", gemini_transfer="encoder") == \
+        "nnUNetTrainerGEMINI_NoPretrain"  # nothing to transfer
+    assert run_tag("nnUNetTrainerGEMINIFinetune", {"gemini_transfer": "encoder"}, 1, 0, 500) == \
+        "nnUNetTrainerGEMINIFinetune_transferencoder_N1_draw0_500it"
     assert method_label("nnUNetTrainerGEMINI", gemini_pair_positions="independent", gemini_deformer_lr=0.001) == \
         "nnUNetTrainerGEMINI (pairs at independent positions, deformer lr 0.001)"
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))

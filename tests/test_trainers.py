@@ -204,6 +204,35 @@ def test_fresh_run_loads_pretrained_checkpoint_and_logs_it(api_env):
     assert "Network weights in use: nnU-Net -pretrained_weights" in _log_text(trainer)
 
 
+def test_encoder_transfer_loads_the_encoder_only(api_env, monkeypatch):
+    """nnUNet_gemini_transfer=encoder: every encoder weight (and its decoder.encoder.* alias) is the
+    pre-training's, every decoder weight and the deformer keep their fresh initialisation."""
+    import torch
+    demo, env = api_env
+    path, ckpt = write_fake_pretrain_checkpoint(demo, env)
+    monkeypatch.setenv("nnUNet_gemini_transfer", "encoder")
+    trainer = make_trainer("nnUNetTrainerGEMINI", demo, env)
+    trainer.initialize()
+    net = trainer.network.state_dict()
+    encoder = [k for k in net if k.startswith(("encoder.", "decoder.encoder."))]
+    decoder = [k for k in net if k.startswith("decoder.") and k not in encoder and k.endswith("weight")]
+    assert encoder and decoder
+    assert all(torch.equal(net[k], ckpt["network_weights"][k]) for k in encoder)
+    assert not any(torch.equal(net[k], ckpt["network_weights"][k]) for k in decoder)
+    deformer = trainer.gemini_deformer.state_dict()
+    assert not any(torch.equal(deformer[k], v) for k, v in ckpt["deformer_weights"].items() if k.endswith("weight"))
+    assert "nnUNet_gemini_transfer = encoder (environment)" in _log_text(trainer)
+    assert "encoder into the network's encoder (nnUNet_gemini_transfer=encoder: decoder and deformer" in \
+        _log_text(trainer)
+    trainer._log_weights_in_use()
+    assert f"Network weights in use: gemini_pretrain checkpoint {path} (encoder only); deformer weights: random " \
+        "initialisation" in _log_text(trainer)
+    from nnunet_gemini.errors import GeminiUserError
+    from nnunet_gemini.trainers.options import read_env_options
+    with pytest.raises(GeminiUserError, match="nnUNet_gemini_transfer='decoder' is not one of"):
+        read_env_options({"nnUNet_gemini_transfer": "decoder"})
+
+
 def test_continue_without_a_checkpoint_loads_the_pretraining_unless_switched_off(api_env, monkeypatch):
     """`--c` on a fold without a checkpoint is a fresh start (nnU-Net never calls load_checkpoint):
     the pre-training is loaded as on any fresh start (bug 3 of issue 13: it was skipped)."""

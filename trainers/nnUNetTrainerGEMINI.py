@@ -267,14 +267,17 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         from nnunet_gemini.checkpoints import network_compatibility_fields
         expected = network_compatibility_fields(self.plans_manager, self.configuration_manager,
                                                 self.num_input_channels)
-        deformer = self.gemini_deformer if self.gemini_semi_supervised else None
+        transfer = self.gemini_options.transfer
+        deformer = self.gemini_deformer if self.gemini_semi_supervised and transfer == "all" else None
         warnings = pretrained.apply_pretrained(
             ckpt, self._plain_network(), deformer, expected,
             checkpoint_name=f"the gemini_pretrain checkpoint {path} (for {self.plans_manager.dataset_name} "
-                            f"{self.plans_manager.plans_name} {self.configuration_name})")
+                            f"{self.plans_manager.plans_name} {self.configuration_name})", transfer=transfer)
         self.pretrained_source = path
-        self.print_to_log_file(f"Loaded the gemini_pretrain checkpoint {path}: backbone into the network "
-                               f"(new segmentation layers)"
+        what = ("backbone into the network (new segmentation layers)" if transfer == "all" else
+                "encoder into the network's encoder (nnUNet_gemini_transfer=encoder: decoder"
+                f"{' and deformer' if self.gemini_semi_supervised else ''} from random initialisation)")
+        self.print_to_log_file(f"Loaded the gemini_pretrain checkpoint {path}: {what}"
                                f"{', deformer into the deformer' if deformer is not None else ''}.")
         for w in warnings:
             self.print_to_log_file(f"WARNING: {w}")
@@ -314,12 +317,14 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
             file = argv[argv.index("-pretrained_weights") + 1] if "-pretrained_weights" in argv[:-1] else "?"
             source = f"nnU-Net -pretrained_weights {file} (overrides the automatic load)"
         elif self.pretrained_source:
-            source = f"gemini_pretrain checkpoint {self.pretrained_source}"
+            source = f"gemini_pretrain checkpoint {self.pretrained_source}" + (
+                " (encoder only)" if self.gemini_options.transfer == "encoder" else "")
         else:
             source = "random initialisation"
         deformer = ""
         if self.gemini_semi_supervised:
-            deformer = (f"; deformer weights: {self.pretrained_source or 'random initialisation'}"
+            loaded = self.pretrained_source if self.gemini_options.transfer == "all" else None
+            deformer = (f"; deformer weights: {loaded or 'random initialisation'}"
                         if not self._restoring_checkpoint else "; deformer weights: the trainer checkpoint")
         self.print_to_log_file(f"Network weights in use: {source}{deformer}.")
 

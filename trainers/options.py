@@ -9,11 +9,11 @@ import os
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from nnunet_gemini.choices import DEFORMATIONS, PAIR_POSITIONS
+from nnunet_gemini.choices import DEFORMATIONS, PAIR_POSITIONS, TRANSFERS
 from nnunet_gemini.errors import GeminiUserError
 
 PREFIX = "nnUNet_gemini_"
-_CHOICES = {"deformation": DEFORMATIONS, "pair_positions": PAIR_POSITIONS}
+_CHOICES = {"deformation": DEFORMATIONS, "pair_positions": PAIR_POSITIONS, "transfer": TRANSFERS}
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class GeminiRunOptions:
     warmup: float = 0.0                  # share of the run over which the network's lr rises linearly to poly
     unlabeled_batch: Optional[int] = None  # pairs per iteration; None -> max(1, labelled batch // 2)
     auto_pretrained: bool = True         # load a gemini_pretrain checkpoint of this dataset/plans/config
+    transfer: str = "all"                # what that load takes: all but the seg layers, or the encoder only
     deformation: str = "diffeomorphic"   # deformer output: velocity (diffeomorphic) or displacement
     pair_positions: str = "same"         # patches of a pair: same relative position (as designed) or independent
     max_nonfinite: int = 10              # non-finite losses in a row before training stops
@@ -72,8 +73,9 @@ def _parse(name: str, raw: str, kind):
 
 
 _KINDS = {"weight": float, "rampup": float, "deformer_lr": float, "lr": float, "warmup": float,
-          "unlabeled_batch": int, "auto_pretrained": bool, "deformation": str, "pair_positions": str,
-          "max_nonfinite": int, "num_epochs": int, "iters_per_epoch": int, "val_iters": int, "final_validation": bool}
+          "unlabeled_batch": int, "auto_pretrained": bool, "transfer": str, "deformation": str,
+          "pair_positions": str, "max_nonfinite": int, "num_epochs": int, "iters_per_epoch": int, "val_iters": int,
+          "final_validation": bool}
 
 
 def read_env_options(environ=None) -> GeminiRunOptions:
