@@ -162,8 +162,11 @@ def test_publish_copies_the_logs_and_plots_of_finished_runs_only(tiny_study, tmp
     src = tmp_path / "study"
     shutil.copytree(out / "logs", src / "logs")
     shutil.copy(out / "results.json", src)
-    # the runs' own folders, laid out as in collection mode (the study's nnUNet_results under -o)
+    # the runs' own folders, laid out as in collection mode (the study's nnUNet_results under -o, beside
+    # the ablation runs' folders that an earlier test of this module may have added)
     shutil.copytree(tiny_study["env"]["nnUNet_results"], src / "nnUNet_results")
+    for ablation_results in out.glob("nnUNet_results_*"):
+        shutil.copytree(ablation_results, src / ablation_results.name)
     assert len(folders) == len(results["runs"]) and all((src / f / "progress.png").is_file() for f in folders)
     (src / "logs" / "train_nnUNetTrainerGEMINI_N3_draw0_1it.log").write_text("killed\n")
     killed = src / "nnUNet_results" / "Dataset999_Killed" / "nnUNetTrainerGEMINI__nnUNetPlans__3d_fullres" / "fold_0"
@@ -173,7 +176,8 @@ def test_publish_copies_the_logs_and_plots_of_finished_runs_only(tiny_study, tmp
     subprocess.run(["bash", script, str(src), str(tmp_path / "dest")], check=True, env=tiny_study["env"])
     assert {p.name for p in (tmp_path / "dest" / "logs").iterdir()} == written
     assert (tmp_path / "dest" / "results.json").read_text() == (out / "results.json").read_text()
-    published = {str(p.relative_to(tmp_path / "dest" / "runs")) for p in (tmp_path / "dest" / "runs").rglob("*.*")}
+    published = {str(p.relative_to(tmp_path / "dest" / "runs")) for p in (tmp_path / "dest" / "runs").rglob("*")
+                 if p.is_file()}
     expected = {str(p.relative_to(src)) for f in folders for p in (src / f).iterdir()
                 if p.name.startswith(("training_log_", "progress")) and p.suffix in (".txt", ".png")}
     assert published == expected and not any("Killed" in p for p in published)
