@@ -136,6 +136,17 @@ def pretrain_stage(deformation: str, dataset_name: str, collection_mode: bool, p
     return f"pretrain_{deformation}" + (f"_{dataset_name}" if collection_mode else "")
 
 
+def pretrain_folder(deformation: str, dataset_name: str, collection_mode: bool, pretrain_ablation: dict,
+                    results_root: str, out: str) -> str:
+    """The folder of a pre-training's checkpoint: the standard one's where the trainers look for it
+    (under results_root); an ablation's (linked where its trainers look) or a displacement one's is
+    its stage folder under out."""
+    if deformation == "diffeomorphic" and not pretrain_ablation:
+        from nnunet_gemini.pretrained import pretrain_output_dir
+        return pretrain_output_dir(dataset_name, PLANS, CONFIGURATION, results_root)
+    return os.path.join(out, pretrain_stage(deformation, dataset_name, collection_mode, pretrain_ablation))
+
+
 def results_root_name(reference: bool, ablation: dict) -> str:
     """The nnUNet_results folder of a run, named as under OUT (a plain run's is the study's own,
     which lies under OUT in collection mode): a reference or ablation run must not replace the
@@ -148,7 +159,6 @@ def finished_outputs(results: dict) -> tuple:
     """(log names in OUT/logs, folders relative to OUT) of the runs and pre-trainings that
     results.json records as finished: what a study may publish; a stage killed mid-way leaves a
     log and a folder without a result."""
-    from nnunet_gemini.pretrained import pretrain_output_dir
     collection_mode = "collection" in results
     logs, folders = set(), set()
     for run in results["runs"]:
@@ -160,11 +170,9 @@ def finished_outputs(results: dict) -> tuple:
                     f"{run['trainer']}__{PLANS}__{CONFIGURATION}/fold_{run['fold']}")
     for record in results["pretraining"].values():
         ablation = {k: record[k] for k in ABLATIONS if k in PRETRAIN_ABLATIONS and k in record}
-        stage = pretrain_stage(record["deformation"], record["dataset"], collection_mode, ablation)
-        logs.add(f"{stage}.log")
-        standard = record["deformation"] == "diffeomorphic" and not ablation  # as in _pretrain_checkpoint
-        folders.add(pretrain_output_dir(record["dataset"], PLANS, CONFIGURATION, "nnUNet_results") if standard
-                    else stage)
+        logs.add(f"{pretrain_stage(record['deformation'], record['dataset'], collection_mode, ablation)}.log")
+        folders.add(pretrain_folder(record["deformation"], record["dataset"], collection_mode, ablation,
+                                    "nnUNet_results", ""))
     return logs, folders
 
 
@@ -332,13 +340,9 @@ class Benchmark:
         return key + (f" ({', '.join(parts)})" if parts else "")
 
     def _pretrain_checkpoint(self, deformation: str, dataset_name: str) -> Path:
-        if deformation == "diffeomorphic" and not self.pretrain_ablation:  # where the trainers look for it
-            from nnunet_gemini.pretrained import FINAL_CHECKPOINT, pretrain_output_dir
-            return Path(pretrain_output_dir(dataset_name, PLANS, CONFIGURATION, self.folders["nnUNet_results"]),
-                        FINAL_CHECKPOINT)
-        # an ablation's beside the standard one (linked where its trainers look), a displacement one beside that
-        folder = pretrain_stage(deformation, dataset_name, self.collection_mode, self.pretrain_ablation)
-        return self.out / folder / "checkpoint_final.pth"
+        from nnunet_gemini.pretrained import FINAL_CHECKPOINT
+        return Path(pretrain_folder(deformation, dataset_name, self.collection_mode, self.pretrain_ablation,
+                                    self.folders["nnUNet_results"], str(self.out)), FINAL_CHECKPOINT)
 
     def pretrain(self, deformation: str, dataset_name: str) -> dict:
         """One gemini_pretrain run on `dataset_name` (recorded; reused by a later call)."""
