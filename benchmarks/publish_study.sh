@@ -3,8 +3,8 @@
 # results.{json,md,png}, logs/, and per run or pre-training the training logs and progress plots (runs/).
 # Never the datasets, predictions or checkpoints (a CC-BY-SA collection's derivatives stay out of the
 # repository). A run's or pre-training's logs and plots are copied once results.json records it finished
-# (not while it runs or after it was killed); the preparing stages' logs always. Run it with the project
-# installed.
+# (not while it runs or after it was killed), and of a run only the training logs its finished attempt wrote;
+# the preparing stages' logs always. Run it with the project installed.
 #   benchmarks/publish_study.sh /scratch/study DEST   # DEST: a folder under the docs results folder
 set -eu
 src=$1 dest=$(mkdir -p "$2" && cd "$2" && pwd)
@@ -18,8 +18,9 @@ logs, folders = finished_outputs(json.loads((src / "results.json").read_text()))
 for log in sorted((src / "logs").glob("*.log")):
     if log.name in logs or not log.name.startswith(("train_", "predict_", "pretrain_")):
         shutil.copy(log, dest / "logs")
-for folder in sorted(folders):
-    for f in sorted((src / folder).glob("training_log_*.txt")) + sorted((src / folder).glob("progress*.png")):
+for folder, own_logs in sorted(folders.items()):
+    run_logs = [f for f in sorted((src / folder).glob("training_log_*.txt")) if own_logs is None or f.name in own_logs]
+    for f in run_logs + sorted((src / folder).glob("progress*.png")):
         (dest / "runs" / folder).mkdir(parents=True, exist_ok=True)
         shutil.copy(f, dest / "runs" / folder)
 PY

@@ -155,24 +155,35 @@ def results_root_name(reference: bool, ablation: dict) -> str:
             f"nnUNet_results_ablation{ablation_suffix(ablation)}" if ablation else "nnUNet_results")
 
 
+def run_folder(results_dir, dataset: str, trainer: str, fold) -> Path:
+    """nnU-Net's output folder of one training: RESULTS/DATASET/TRAINER__PLANS__CONFIGURATION/fold_F."""
+    return Path(results_dir) / dataset / f"{trainer}__{PLANS}__{CONFIGURATION}" / f"fold_{fold}"
+
+
+def training_logs_in(folder: Path) -> set:
+    return {p.name for p in Path(folder).glob("training_log_*.txt")}
+
+
 def finished_outputs(results: dict) -> tuple:
-    """(log names in OUT/logs, folders relative to OUT) of the runs and pre-trainings that
-    results.json records as finished: what a study may publish; a stage killed mid-way leaves a
-    log and a folder without a result."""
+    """(log names in OUT/logs, {folder relative to OUT: the training logs in it to publish, or None
+    for all}) of the runs and pre-trainings that results.json records as finished: what a study may
+    publish. A stage killed mid-way leaves a log and a folder without a result; a run retried after
+    such a kill shares its folder with the killed attempt's training log, so a run records the logs
+    its own training wrote (runs recorded before that carry None)."""
     collection_mode = "collection" in results
-    logs, folders = set(), set()
+    logs, folders = set(), {}
     for run in results["runs"]:
         ablation = {k: run[k] for k in ABLATIONS if k in run}
         tag = run_tag(run["method"], ablation, run["n"], run["draw"], run["iterations"])
         logs |= {f"train_{tag}.log", f"predict_{tag}.log"} | ({f"predict_{tag}_selection.log"} if "selection" in run
                                                                else set())
-        folders.add(f"{results_root_name(run['reference'], ablation)}/{run['dataset']}/"
-                    f"{run['trainer']}__{PLANS}__{CONFIGURATION}/fold_{run['fold']}")
+        folder = run_folder(results_root_name(run["reference"], ablation), run["dataset"], run["trainer"], run["fold"])
+        folders[str(folder)] = set(run["training_logs"]) if "training_logs" in run else None
     for record in results["pretraining"].values():
         ablation = {k: record[k] for k in ABLATIONS if k in PRETRAIN_ABLATIONS and k in record}
         logs.add(f"{pretrain_stage(record['deformation'], record['dataset'], collection_mode, ablation)}.log")
-        folders.add(pretrain_folder(record["deformation"], record["dataset"], collection_mode, ablation,
-                                    "nnUNet_results", ""))
+        folders[pretrain_folder(record["deformation"], record["dataset"], collection_mode, ablation,
+                                "nnUNet_results", "")] = None  # a resumed pre-training's logs are all its own
     return logs, folders
 
 
@@ -430,14 +441,17 @@ class Benchmark:
                **{ABLATIONS[k][0]: str(v) for k, v in ablation.items() if k not in PRETRAIN_ABLATIONS}}
         if self.n_proc_da is not None:
             env["nnUNet_n_proc_DA"] = self.n_proc_da
+        folder = run_folder(results_dir, cell["dataset_name"], trainer, cell["fold"])
+        earlier_logs = training_logs_in(folder)  # of a killed attempt at this run, if any
         train_s = self.run(f"train_{tag}", ["nnUNetv2_train", str(dataset_id_of(cell["dataset_name"])), CONFIGURATION,
                                             str(cell["fold"]), "-tr", trainer, "-p", PLANS, "-device", self.device],
                            extra_env=env)
+        training_logs = sorted(training_logs_in(folder) - earlier_logs)
         scores, predict_s = self._predict_and_score(tag, cell, trainer, results_dir, "imagesTs", "labelsTs")
         run = {"method": method, "label": label, **ablation, "trainer": trainer, "n": n, "draw": draw,
                "dataset": cell["dataset_name"], "fold": cell["fold"], "reference": reference,
                "train_cases": cell["train"], "iterations": iterations, "epochs": epochs,
-               "iters_per_epoch": self.budget["train_iters"], **scores,
+               "iters_per_epoch": self.budget["train_iters"], **scores, "training_logs": training_logs,
                "train_seconds": train_s, "predict_seconds": predict_s, "pretrain_share_seconds": 0.0,
                "wall_seconds": round(train_s + predict_s, 1), "device": self.device, "revision": self.revision,
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}

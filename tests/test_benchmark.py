@@ -168,7 +168,11 @@ def test_publish_copies_the_logs_and_plots_of_finished_runs_only(tiny_study, tmp
     for ablation_results in out.glob("nnUNet_results_*"):
         shutil.copytree(ablation_results, src / ablation_results.name)
     assert len(folders) == len(results["runs"]) and all((src / f / "progress.png").is_file() for f in folders)
+    # each run names the one training log its training wrote
+    assert all(len(own) == 1 and (src / f / next(iter(own))).is_file() for f, own in folders.items())
     (src / "logs" / "train_nnUNetTrainerGEMINI_N3_draw0_1it.log").write_text("killed\n")
+    retried = src / next(iter(folders))  # a finished run whose folder also holds a killed attempt's log
+    (retried / "training_log_2000_1_1_00_00_00.txt").write_text("killed attempt\n")
     killed = src / "nnUNet_results" / "Dataset999_Killed" / "nnUNetTrainerGEMINI__nnUNetPlans__3d_fullres" / "fold_0"
     killed.mkdir(parents=True)
     (killed / "training_log_2026_1_1_00_00_00.txt").write_text("killed\n")
@@ -178,9 +182,14 @@ def test_publish_copies_the_logs_and_plots_of_finished_runs_only(tiny_study, tmp
     assert (tmp_path / "dest" / "results.json").read_text() == (out / "results.json").read_text()
     published = {str(p.relative_to(tmp_path / "dest" / "runs")) for p in (tmp_path / "dest" / "runs").rglob("*")
                  if p.is_file()}
-    expected = {str(p.relative_to(src)) for f in folders for p in (src / f).iterdir()
-                if p.name.startswith(("training_log_", "progress")) and p.suffix in (".txt", ".png")}
-    assert published == expected and not any("Killed" in p for p in published)
+    expected = {str(p.relative_to(src)) for f, own in folders.items() for p in (src / f).iterdir()
+                if p.name in own or p.name.startswith("progress") and p.suffix == ".png"}
+    assert published == expected and not any("Killed" in p or "2000_1_1" in p for p in published)
+    # a run recorded before runs named their logs: all of its folder's logs are its own
+    old_record = dict(results["runs"][0])
+    del old_record["training_logs"]
+    _, old_folders = finished_outputs(dict(results, runs=[old_record]))
+    assert list(old_folders.values()) == [None]
 
 
 def test_method_labels_and_ablation_results_dir_links_the_shared_pretraining(tmp_path, monkeypatch):
@@ -308,12 +317,12 @@ def test_pretraining_ablation_has_its_own_key_checkpoint_command_and_rows(tmp_pa
     assert cmd[cmd.index("--decorrelation") + 1] == "10" and cmd[cmd.index("-o") + 1] == str(checkpoint.parent)
     assert stage == checkpoint.parent.name and record["pretrain_decorrelation"] == 10.0
     assert finished_outputs({"runs": [], "pretraining": bench.results["pretraining"], "collection": {}}) == \
-        ({f"{stage}.log"}, {stage})
+        ({f"{stage}.log"}, {stage: None})
     standard = _pretraining_benchmark(tmp_path / "study", {})  # the one the trainers find, in nnUNet_results
     plain = {"deformation": "diffeomorphic", "dataset": name}
     assert finished_outputs({"runs": [], "pretraining": {"k": plain}, "collection": {}}) == \
         ({f"pretrain_diffeomorphic_{name}.log"},
-         {str(standard._pretrain_checkpoint("diffeomorphic", name).parent.relative_to(tmp_path / "study"))})
+         {str(standard._pretrain_checkpoint("diffeomorphic", name).parent.relative_to(tmp_path / "study")): None})
     assert bench.results["pretraining"][key] is record and bench.pretrain("diffeomorphic", name) is record
     folder = str(tmp_path / "study" / "nnUNet_results_ablation_pretrain_decorrelation10")
     bench._link_pretraining(folder, {"dataset_name": "Dataset903_GeminiStudyN2draw0", "pretrain_dataset": name})
