@@ -195,7 +195,7 @@ def test_fresh_run_loads_pretrained_checkpoint_and_logs_it(api_env):
     assert trainer.pretrained_source == path
     assert f"Loaded the gemini_pretrain checkpoint {path}" in _log_text(trainer)
     trainer._log_weights_in_use()
-    assert f"Network weights in use: gemini_pretrain checkpoint {path}" in _log_text(trainer)
+    assert f"Network weights in use: gemini_pretrain checkpoint {path}; deformer weights: {path}." in _log_text(trainer)
     # nnUNetv2_train -pretrained_weights loads after initialize(): the log must say it overrides
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     other, _ = write_fake_pretrain_checkpoint(demo, env)

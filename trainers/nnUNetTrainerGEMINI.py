@@ -116,6 +116,7 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         self._poly_lr = None           # the network's lr the poly scheduler set this epoch (before warm-up)
         self.pair_loader = None        # -> on_train_start
         self.pretrained_source: Optional[str] = None  # gemini_pretrain checkpoint used, if any
+        self.pretrained_deformer_source: Optional[str] = None  # the same, where the deformer came from it too
         # one policy with gemini_pretrain: a non-finite loss skips backward and step on all ranks together
         self.guarded_step = GuardedStep(
             self.gemini_options.max_nonfinite, "nnUNet_gemini_max_nonfinite", self.print_to_log_file,
@@ -274,6 +275,7 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
             checkpoint_name=f"the gemini_pretrain checkpoint {path} (for {self.plans_manager.dataset_name} "
                             f"{self.plans_manager.plans_name} {self.configuration_name})", transfer=transfer)
         self.pretrained_source = path
+        self.pretrained_deformer_source = path if deformer is not None else None
         what = ("backbone into the network (new segmentation layers)" if transfer == "all" else
                 "encoder into the network's encoder (nnUNet_gemini_transfer=encoder: decoder"
                 f"{' and deformer' if self.gemini_semi_supervised else ''} from random initialisation)")
@@ -323,8 +325,7 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
             source = "random initialisation"
         deformer = ""
         if self.gemini_semi_supervised:
-            loaded = self.pretrained_source if self.gemini_options.transfer == "all" else None
-            deformer = (f"; deformer weights: {loaded or 'random initialisation'}"
+            deformer = (f"; deformer weights: {self.pretrained_deformer_source or 'random initialisation'}"
                         if not self._restoring_checkpoint else "; deformer weights: the trainer checkpoint")
         self.print_to_log_file(f"Network weights in use: {source}{deformer}.")
 
