@@ -325,24 +325,36 @@ class Benchmark:
                 built[key] = {"id": did, "name": f"{dataset_prefix(did)}GeminiStudyN{d['n']}draw{d['draw']}",
                               "train": d["train"]}
             record = built[key]
-            raw = Path(self.folders["nnUNet_raw"]) / record["name"]
             if record["train"] != d["train"]:
                 raise GeminiUserError(f"{self.results_path}: {key} was built from {record['train']}, the split now "
                                       f"draws {d['train']}: choose another -o or delete that folder")
-            if not (raw / "dataset.json").is_file():  # written last: its absence means not (completely) built
-                collection.build_dataset(coll, labels, split, d["train"], self.folders["nnUNet_raw"], record["id"],
-                                         record["name"][len(dataset_prefix(record["id"])):])
-            signature = collection.plans_signature(self._plan(record["name"]), CONFIGURATION)
-            digest = collection.json_digest(signature)[:16]
-            groups.setdefault(digest, record["name"])
-            record["plans_signature"] = digest
+            raw = self._build_and_plan(coll, labels, split, record)
+            groups.setdefault(record["plans_signature"], record["name"])
             self.cells[(d["n"], d["draw"])] = dict(dataset_name=record["name"], raw=raw, fold="all",
-                                                   train=d["train"], pretrain_dataset=groups[digest])
+                                                   train=d["train"], pretrain_dataset=groups[record["plans_signature"]])
+        # a group's pre-training runs on the dataset an earlier call recorded for it, which this
+        # call may not draw (another --n) and a lost scratch folder may no longer hold
+        by_name = {r["name"]: r for r in built.values()}
+        for anchor in sorted({c["pretrain_dataset"] for c in self.cells.values()}):
+            self._build_and_plan(coll, labels, split, by_name[anchor])
         self._save()
         first = next(iter(self.cells.values()))["raw"]
         self.registration_set = (first / collection.SELECTION_IMAGES, first / collection.SELECTION_LABELS,
                                  "ordered selection-set pairs")
         self.results["dataset"] = f"collection {coll.root} ({len(coll.case_ids)} cases, split seed {a.split_seed})"
+
+    def _build_and_plan(self, coll, labels: dict, split: dict, record: dict) -> Path:
+        """The raw dataset of one datasets record, built (when not yet) and planned; records its
+        plans signature. Returns its raw folder."""
+        from nnunet_gemini import collection
+        from nnunet_gemini.datasets import dataset_prefix
+        raw = Path(self.folders["nnUNet_raw"]) / record["name"]
+        if not (raw / "dataset.json").is_file():  # written last: its absence means not (completely) built
+            collection.build_dataset(coll, labels, split, record["train"], self.folders["nnUNet_raw"], record["id"],
+                                     record["name"][len(dataset_prefix(record["id"])):])
+        signature = collection.plans_signature(self._plan(record["name"]), CONFIGURATION)
+        record["plans_signature"] = collection.json_digest(signature)[:16]
+        return raw
 
     # ------------------------------------------------------------------ stages
     def _pretraining_key(self, deformation: str, dataset_name: str) -> str:

@@ -5,6 +5,7 @@ is refused, and every bad input is refused before anything trains."""
 import glob
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -204,11 +205,19 @@ def test_second_call_skips_and_another_seed_is_refused(collection_study):
 
 def test_pretraining_ablation_runs_its_own_pretraining_and_rows(collection_study):
     """--pretrain_decorrelation W end to end: a gemini_pretrain --decorrelation W run of its own (the
-    standard pre-training place stays empty), Finetune trained from it, its row and record labelled."""
+    standard pre-training place stays empty), Finetune trained from it, its row and record labelled;
+    run for N = 2 alone after the dataset its group pre-trains on (N = 1's) was lost."""
     out, env, cmd = collection_study["out"], collection_study["env"], collection_study["cmd"]
     methods = cmd.index("--methods") + 1
     call = cmd[:methods] + ["nnUNetTrainerGEMINIFinetune"] + cmd[methods + 1:]
-    call[call.index("--n") + 1:call.index("--n") + 3] = ["1"]
+    call[call.index("--n") + 1:call.index("--n") + 3] = ["2"]
+    # N = 2 shares N = 1's pre-training; with N = 1's folders lost (a scratch folder is not
+    # kept between sessions) a call for N = 2 alone rebuilds N = 1's dataset to pre-train on it
+    first = json.loads((out / "results.json").read_text())
+    n1, n2 = first["datasets"]["N1_draw0"], first["datasets"]["N2_draw0"]
+    assert first["pretraining_groups"][n2["plans_signature"]] == n1["name"]
+    for folder in ("nnUNet_raw", "nnUNet_preprocessed"):
+        shutil.rmtree(out / folder / n1["name"])
     run_command(call + ["--pretrain_decorrelation", "1", "--pretrain_epochs", "1", "--pretrain_iters", "1"], env,
                 timeout=900)
     results = json.loads((out / "results.json").read_text())
@@ -220,6 +229,8 @@ def test_pretraining_ablation_runs_its_own_pretraining_and_rows(collection_study
     log = open(glob.glob(str(checkpoint.parent / "training_log_*.txt"))[0]).read()
     assert "decorrelation weight 1, on the encoder 0;" in log
     assert not glob.glob(str(out / "nnUNet_results" / "*" / "GEMINIPretrain__*" / "fold_all" / "checkpoint_final.pth"))
+    assert results["pretraining"][key]["dataset"] == n1["name"] and (out / "nnUNet_raw" / n1["name"]).is_dir()
     (run,) = [r for r in results["runs"] if r["method"] == "nnUNetTrainerGEMINIFinetune"]
-    assert run["label"] == "nnUNetTrainerGEMINIFinetune (pre-training decorrelation 1)" and run["pretraining"] == key
+    assert run["n"] == 2 and run["pretraining"] == key
+    assert run["label"] == "nnUNetTrainerGEMINIFinetune (pre-training decorrelation 1)"
     assert "| nnUNetTrainerGEMINIFinetune (pre-training decorrelation 1) | " in (out / "results.md").read_text()
