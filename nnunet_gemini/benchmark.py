@@ -388,6 +388,7 @@ class Benchmark:
                   "iterations": iterations, "seconds": seconds, "device": self.device, "revision": self.revision,
                   **self.pretrain_ablation}
         self.results["pretraining"][key] = record
+        self.results["registration"].pop(key, None)  # measured on the deformer this run replaced
         self._save()
         return record
 
@@ -430,10 +431,14 @@ class Benchmark:
                                    str(pred_dir / "summary.json"))
         return scores, seconds
 
+    def run_key(self, method: str, n: int, draw: int, epochs: int, reference: bool = False) -> tuple:
+        """The key results.json's record of this run would have (see _run_key)."""
+        return self.ablation_of(method)[1], n, draw, epochs * self.budget["train_iters"], reference
+
     def train_and_score(self, method: str, n: int, draw: int, epochs: int, reference: bool = False) -> dict:
-        iterations = epochs * self.budget["train_iters"]
         ablation, label = self.ablation_of(method)
-        key = (label, n, draw, iterations, reference)
+        key = self.run_key(method, n, draw, epochs, reference)
+        iterations = key[3]
         done = self._finished(key)
         if done is not None:
             print(f"[gemini_benchmark] done already: {label} N={n} draw={draw} ({iterations} it)", flush=True)
@@ -486,12 +491,18 @@ class Benchmark:
         ablation = {k: v for k, v in self.ablation.items() if v is not None and method in ABLATIONS[k][2]}
         return ablation, method_label(method, **ablation)
 
+    def registration_recorded(self, deformation: str, dataset_name: str) -> bool:
+        """Whether results.json holds the registration record of this pre-training at this budget."""
+        key = self._pretraining_key(deformation, dataset_name)
+        done, record = self.results["registration"].get(key), self.results["pretraining"].get(key)
+        iterations = self.budget["pretrain_epochs"] * self.budget["pretrain_iters"]
+        return bool(done and record and done.get("pretrain_iterations") == record["iterations"] == iterations)
+
     def registration(self, deformation: str, dataset_name: str) -> dict:
         key = self._pretraining_key(deformation, dataset_name)
-        done = self.results["registration"].get(key)
+        if self.registration_recorded(deformation, dataset_name):
+            return self.results["registration"][key]
         record = self.results["pretraining"][key]
-        if done and done.get("pretrain_iterations") == record["iterations"]:
-            return done
         from nnunet_gemini.register import load_from_pretrain_checkpoint, register_folder
         images, labels, what = self.registration_set
         print(f"[gemini_benchmark] registration quality ({key}) on {what}", flush=True)
@@ -592,20 +603,26 @@ class Benchmark:
         if self.a.reference_iters:
             epochs = max(1, math.ceil(self.a.reference_iters / self.budget["train_iters"]))
             runs += [dict(method="nnUNetTrainer", n=n, draw=0, epochs=epochs, reference=True) for n in ns]
-        # the pre-trainings this call needs (one per group of datasets with agreeing plans), first
-        pretrain_datasets = sorted({self.cells[(r["n"], r["draw"])]["pretrain_dataset"] for r in runs
-                                    if r["method"] in USES_PRETRAINING or deformations})
-        for dataset_name in pretrain_datasets:
-            self.pretrain("diffeomorphic", dataset_name)
+        # the pre-trainings this call needs (one per group of datasets with agreeing plans), first; one
+        # whose runs are done and whose registration is recorded is not rerun when its checkpoint is gone
+        pending = [r for r in runs if self._finished(self.run_key(**r)) is None]
+        groups = sorted({self.cells[(r["n"], r["draw"])]["pretrain_dataset"] for r in runs})
+        loaded = {self.cells[(r["n"], r["draw"])]["pretrain_dataset"] for r in pending
+                  if r["method"] in USES_PRETRAINING}
+        for dataset_name in groups:
+            if dataset_name in loaded or ("diffeomorphic" in deformations
+                                          and not self.registration_recorded("diffeomorphic", dataset_name)):
+                self.pretrain("diffeomorphic", dataset_name)
             if "diffeomorphic" in deformations:  # how well it registers is known before hours of training
                 self.registration("diffeomorphic", dataset_name)
         if deformations:
             self.unregistered_dice()
         self.preprocess_pools(runs)
         self.train_all(runs)
-        for dataset_name in pretrain_datasets:
+        for dataset_name in groups:
             for deformation in deformations:
-                self.pretrain(deformation, dataset_name)
+                if not self.registration_recorded(deformation, dataset_name):
+                    self.pretrain(deformation, dataset_name)
                 self.registration(deformation, dataset_name)
         share_pretraining(self.results)
         self.results["last_call_seconds"] = round(time.time() - t_start, 1)

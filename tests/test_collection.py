@@ -234,3 +234,32 @@ def test_pretraining_ablation_runs_its_own_pretraining_and_rows(collection_study
     assert run["n"] == 2 and run["pretraining"] == key
     assert run["label"] == "nnUNetTrainerGEMINIFinetune (pre-training decorrelation 1)"
     assert "| nnUNetTrainerGEMINIFinetune (pre-training decorrelation 1) | " in (out / "results.md").read_text()
+
+
+def test_a_lost_pretraining_reruns_only_for_runs_that_load_it(collection_study):
+    """A pre-training whose checkpoint is gone (a lost scratch folder) is not rerun when every run of
+    the call that loads it is done; it is rerun for one that is not, and the registration record of
+    the deformer it replaced is dropped."""
+    out, env, cmd = collection_study["out"], collection_study["env"], collection_study["cmd"]
+    methods = cmd.index("--methods") + 1
+    call = cmd[:methods] + ["nnUNetTrainerGEMINIFinetune"] + cmd[methods + 1:] + [
+        "--pretrain_decorrelation", "1", "--pretrain_epochs", "1", "--pretrain_iters", "1"]
+    before = json.loads((out / "results.json").read_text())
+    (key,) = before["pretraining"]  # the ablation test's, which trained N = 2 from it
+    checkpoint = Path(before["pretraining"][key]["checkpoint"])
+    checkpoint.unlink()
+    n2_only = list(call)
+    n2_only[n2_only.index("--n") + 1:n2_only.index("--n") + 3] = ["2"]
+    second = run_command(n2_only, env, timeout=600)
+    assert "done already" in second.stdout and "gemini_pretrain" not in second.stdout
+    assert json.loads((out / "results.json").read_text())["pretraining"] == before["pretraining"]
+    assert not checkpoint.exists()
+    # N = 1 has not run from it: the pre-training runs again, and a registration record of the old deformer goes
+    results = json.loads((out / "results.json").read_text())
+    results["registration"][key] = {"deformation": "diffeomorphic", "pretrain_iterations": 1, "dice_mean": 0.5}
+    (out / "results.json").write_text(json.dumps(results))
+    third = run_command(call, env, timeout=900)
+    assert "gemini_pretrain" in third.stdout and checkpoint.is_file()
+    results = json.loads((out / "results.json").read_text())
+    assert key not in results["registration"]
+    assert {r["n"] for r in results["runs"] if r["method"] == "nnUNetTrainerGEMINIFinetune"} == {1, 2}
