@@ -542,6 +542,8 @@ RELIABILITY_TABLE = [
         "test_trainers.py::test_checkpoint_from_before_the_deformer_optimizer_resumes"),
     Row("trainer --c restores the deformer's Adam state and its spec", "FAULT",
         "test_trainers.py::test_checkpoint_resume_restores_deformer_optimizer_and_logging"),
+    Row("gemini_benchmark -o lost but for its results.json", "FAULT",
+        "test_collection.py::test_a_lost_pretraining_reruns_only_for_runs_that_load_it"),
 ]
 
 
