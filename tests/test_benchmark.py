@@ -279,7 +279,7 @@ def _pretraining_benchmark(out, pretrain_ablation):
     bench.out, bench.collection_mode, bench.device, bench.revision = out, True, "cpu", "abc"
     bench.folders = {"nnUNet_results": str(out / "nnUNet_results")}
     bench.budget = dict(pretrain_epochs=1, pretrain_iters=2)
-    bench.results, bench.n_proc_da_pretrain, bench._save = {"pretraining": {}}, None, lambda: None
+    bench.results, bench.n_proc_da_pretrain, bench._save = {"pretraining": {}, "registration": {}}, None, lambda: None
     bench.pretrain_ablation = pretrain_ablation
     return bench
 
