@@ -335,7 +335,8 @@ class Benchmark:
         # a group's pre-training runs on the dataset an earlier call recorded for it, which this
         # call may not draw (another --n) and a lost scratch folder may no longer hold
         by_name = {r["name"]: r for r in built.values()}
-        for anchor in sorted({c["pretrain_dataset"] for c in self.cells.values()}):
+        drawn = {c["dataset_name"] for c in self.cells.values()}  # built and planned above
+        for anchor in sorted({c["pretrain_dataset"] for c in self.cells.values()} - drawn):
             self._build_and_plan(coll, labels, split, by_name[anchor])
         self._save()
         first = next(iter(self.cells.values()))["raw"]
