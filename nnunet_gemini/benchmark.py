@@ -136,6 +136,12 @@ def pretrain_stage(deformation: str, dataset_name: str, collection_mode: bool, p
     return f"pretrain_{deformation}" + (f"_{dataset_name}" if collection_mode else "")
 
 
+def attempt_suffix(attempt: int) -> str:
+    """What a rerun of a recorded pre-training (its checkpoint lost) adds to its log's and plot's
+    names, so that the attempt it replaces keeps its own."""
+    return f"_attempt{attempt}" if attempt else ""
+
+
 def pretrain_folder(deformation: str, dataset_name: str, collection_mode: bool, pretrain_ablation: dict,
                     results_root: str, out: str) -> str:
     """The folder of a pre-training's checkpoint: the standard one's where the trainers look for it
@@ -179,9 +185,10 @@ def finished_outputs(results: dict) -> tuple:
                                                                else set())
         folder = run_folder(results_root_name(run["reference"], ablation), run["dataset"], run["trainer"], run["fold"])
         folders[str(folder)] = set(run["training_logs"]) if "training_logs" in run else None
-    for record in results["pretraining"].values():
+    for record in [*results["pretraining"].values(), *results.get("pretraining_replaced", [])]:
         ablation = {k: record[k] for k in ABLATIONS if k in PRETRAIN_ABLATIONS and k in record}
-        logs.add(f"{pretrain_stage(record['deformation'], record['dataset'], collection_mode, ablation)}.log")
+        stage = pretrain_stage(record["deformation"], record["dataset"], collection_mode, ablation)
+        logs.add(f"{stage}{attempt_suffix(record.get('attempt', 0))}.log")
         folders[pretrain_folder(record["deformation"], record["dataset"], collection_mode, ablation,
                                 "nnUNet_results", "")] = None  # a resumed pre-training's logs are all its own
     return logs, folders
@@ -369,13 +376,17 @@ class Benchmark:
                                     self.folders["nnUNet_results"], str(self.out)), FINAL_CHECKPOINT)
 
     def pretrain(self, deformation: str, dataset_name: str) -> dict:
-        """One gemini_pretrain run on `dataset_name` (recorded; reused by a later call)."""
+        """One gemini_pretrain run on `dataset_name` (recorded; reused by a later call). Run again
+        (its checkpoint lost, or another budget), it is a new attempt: the record it replaces moves,
+        with its registration record, to results.json's pretraining_replaced, where the runs that
+        loaded it keep finding it; its log and progress plot keep their names."""
         key = self._pretraining_key(deformation, dataset_name)
         record = self.results["pretraining"].get(key)
         iterations = self.budget["pretrain_epochs"] * self.budget["pretrain_iters"]
         checkpoint = self._pretrain_checkpoint(deformation, dataset_name)
         if record and record["iterations"] == iterations and checkpoint.is_file():
             return record
+        attempt = record.get("attempt", 0) + 1 if record else 0
         cmd = ["gemini_pretrain", "-d", str(dataset_id_of(dataset_name)), "-c", CONFIGURATION, "-p", PLANS,
                "-device", self.device, "--epochs", str(self.budget["pretrain_epochs"]),
                "--iters_per_epoch", str(self.budget["pretrain_iters"]), "--deformation", deformation]
@@ -383,13 +394,28 @@ class Benchmark:
         if deformation != "diffeomorphic" or self.pretrain_ablation:
             cmd += ["-o", str(checkpoint.parent)]
         stage = pretrain_stage(deformation, dataset_name, self.collection_mode, self.pretrain_ablation)
-        seconds = self.run(stage, cmd, extra_env={"nnUNet_n_proc_DA": self.n_proc_da_pretrain}
-                           if self.n_proc_da_pretrain is not None else None)
+        plot = checkpoint.parent / "progress.png"  # gemini_pretrain redraws it every epoch
+        replaced_plot = plot.with_name(".progress_replaced.png")
+        if attempt and plot.is_file():
+            plot.replace(replaced_plot)
+        try:
+            seconds = self.run(stage + attempt_suffix(attempt), cmd,
+                               extra_env={"nnUNet_n_proc_DA": self.n_proc_da_pretrain}
+                               if self.n_proc_da_pretrain is not None else None)
+            if attempt and plot.is_file():
+                plot.replace(plot.with_name(f"progress{attempt_suffix(attempt)}.png"))
+        finally:
+            if replaced_plot.is_file():
+                replaced_plot.replace(plot)
+        if record:
+            replaced = dict(record, key=key, replaced=time.strftime("%Y-%m-%d %H:%M:%S"))
+            if key in self.results["registration"]:  # measured on the deformer this run replaced
+                replaced["registration"] = self.results["registration"].pop(key)
+            self.results.setdefault("pretraining_replaced", []).append(replaced)
         record = {"deformation": deformation, "dataset": dataset_name, "checkpoint": str(checkpoint),
                   "iterations": iterations, "seconds": seconds, "device": self.device, "revision": self.revision,
-                  **self.pretrain_ablation}
+                  **self.pretrain_ablation, **({"attempt": attempt} if attempt else {})}
         self.results["pretraining"][key] = record
-        self.results["registration"].pop(key, None)  # measured on the deformer this run replaced
         self._save()
         return record
 
@@ -479,8 +505,10 @@ class Benchmark:
                                                    SELECTION_LABELS)
             run["selection"] = selection
         if method in USES_PRETRAINING:  # its share is set by share_pretraining once all runs are known
+            loaded = self.results["pretraining"][pretraining_key]
             run["pretraining"] = pretraining_key
-            run["pretrain_iterations"] = self.results["pretraining"][pretraining_key]["iterations"]
+            run["pretrain_iterations"] = loaded["iterations"]
+            run["pretraining_attempt"] = loaded.get("attempt", 0)
         with self._lock:
             self.results["runs"].append(run)
             self._save()
@@ -652,12 +680,16 @@ def share_pretraining(results: dict) -> None:
     """Each run that loads a pre-training carries an equal share of its wall time: pre-training
     seconds / all runs in results.json that load it, this call's and earlier calls' alike
     (ablation rows included), so the share does not depend on how the study was split into
-    calls. Runs of an earlier, replaced pre-training keep the share they had."""
-    for key, record in results.get("pretraining", {}).items():
+    calls. A replaced pre-training (pretraining_replaced) is shared by the runs that loaded it;
+    runs of one replaced before that list was kept keep the share they had."""
+    records = [*results.get("pretraining", {}).items(),
+               *((r["key"], r) for r in results.get("pretraining_replaced", []))]
+    for key, record in records:
         if record.get("deformation", key) != "diffeomorphic":
             continue  # the displacement pre-training serves the registration record only
         users = [r for r in results["runs"] if r["method"] in USES_PRETRAINING and not r.get("reference")
                  and r.get("pretraining", "diffeomorphic") == key
+                 and r.get("pretraining_attempt", 0) == record.get("attempt", 0)
                  and r.get("pretrain_iterations", record["iterations"]) == record["iterations"]]
         share = record["seconds"] / max(1, len(users))
         for r in users:
@@ -720,7 +752,10 @@ def write_reports(results: dict, out: Path, methods, ns, iterations: int) -> Non
                         f"{np.nanmean([r['dice_per_structure'][s] for r in runs]):.3f}" for s in structures) + " |")
     lines += _difference_lines(results, methods, ns, iterations)
     lines += _selection_lines(results, methods, ns, iterations)
-    reg = results.get("registration", {})
+    reg = dict(results.get("registration", {}))
+    for r in results.get("pretraining_replaced", []):  # a deformer a rerun replaced keeps its row
+        if "registration" in r:
+            reg[f"{r['key']} (attempt {r.get('attempt', 0)}, replaced)"] = r["registration"]
     if reg:
         what = next((r["pairs_of"] for r in reg.values() if "pairs_of" in r), "ordered test pairs")
         lines += ["", f"Registration of {what} with the pre-trained deformer (gemini_register): warped-label "

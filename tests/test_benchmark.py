@@ -354,3 +354,54 @@ def test_pretraining_ablation_passes_its_flag_to_gemini_pretrain(key, flag, labe
     assert cmd[cmd.index(flag) + 1] == "10" and "--decorrelation" not in cmd
     assert record[key] == 10.0
     assert bench._pretraining_key("diffeomorphic", name).endswith(f"(pre-training {label} 10)")
+
+
+def test_a_rerun_pretraining_is_a_new_attempt_and_keeps_the_one_it_replaces(tmp_path):
+    """A recorded pre-training run again (its checkpoint lost) leaves the replaced record, with its
+    registration record, in pretraining_replaced; its own log and plot carry the attempt; each
+    pre-training's seconds are shared by the runs that loaded that attempt only."""
+    from nnunet_gemini.benchmark import finished_outputs, share_pretraining, write_reports
+    bench = _pretraining_benchmark(tmp_path / "study", {"pretrain_decorrelation": 10.0})
+    name = "Dataset901_GeminiStudyN1draw0"
+    key = bench._pretraining_key("diffeomorphic", name)
+    checkpoint = bench._pretrain_checkpoint("diffeomorphic", name)
+    checkpoint.parent.mkdir(parents=True)
+    (checkpoint.parent / "progress.png").write_bytes(b"attempt 0")  # no checkpoint: it is lost
+    old = {"deformation": "diffeomorphic", "dataset": name, "checkpoint": str(checkpoint), "iterations": 2,
+           "seconds": 300.0, "device": "cpu", "revision": "old", "pretrain_decorrelation": 10.0}
+    registration = {"deformation": "diffeomorphic", "pretrain_iterations": 2, "pairs": 2, "dice_mean": 0.5,
+                    "dice_std": 0.1}
+    bench.results = {"pretraining": {key: dict(old)}, "registration": {key: registration}}
+    stages = []
+
+    def run(stage, cmd, extra_env=None):
+        stages.append(stage)
+        (checkpoint.parent / "progress.png").write_bytes(b"attempt 1")
+        checkpoint.write_bytes(b"x")
+        return 100.0
+    bench.run = run
+    record = bench.pretrain("diffeomorphic", name)
+    assert stages == [f"{checkpoint.parent.name}_attempt1"] and record["attempt"] == 1 and record["seconds"] == 100.0
+    (replaced,) = bench.results["pretraining_replaced"]
+    assert {k: replaced[k] for k in old} == old and replaced["key"] == key and "attempt" not in replaced
+    assert replaced["registration"] == registration and key not in bench.results["registration"]
+    assert (checkpoint.parent / "progress.png").read_bytes() == b"attempt 0"
+    assert (checkpoint.parent / "progress_attempt1.png").read_bytes() == b"attempt 1"
+    assert not (checkpoint.parent / ".progress_replaced.png").exists()
+    assert bench.pretrain("diffeomorphic", name) is record  # its checkpoint is there now
+    logs, _ = finished_outputs({"runs": [], "collection": {}, **bench.results})
+    assert logs == {f"{checkpoint.parent.name}.log", f"{checkpoint.parent.name}_attempt1.log"}
+
+    def loading(attempt=None, **extra):
+        r = {"method": "nnUNetTrainerGEMINI", "label": "g", "train_seconds": 10.0, "predict_seconds": 0.0,
+             "pretrain_share_seconds": 0.0, "wall_seconds": 10.0, "pretraining": key, "pretrain_iterations": 2}
+        return dict(r, **({} if attempt is None else {"pretraining_attempt": attempt}), **extra)
+    runs = [loading(), loading(0), loading(0), loading(1), loading(1, method="nnUNetTrainerGEMINIFinetune")]
+    share_pretraining(dict(bench.results, runs=runs))
+    assert [r["pretrain_share_seconds"] for r in runs] == [100.0, 100.0, 100.0, 50.0, 50.0]
+    # the replaced deformer's registration row stays in the report
+    results = dict(bench.results, runs=[], budget_iterations=dict(train_epochs=1, train_iters=1, pretrain_epochs=1,
+                                                                 pretrain_iters=2))
+    write_reports(results, tmp_path, [], [1], 1)
+    assert f"| {key} (attempt 0, replaced) (2 pre-train it) | 2 | 0.500 ± 0.100 |" in \
+        (tmp_path / "results.md").read_text()

@@ -238,8 +238,9 @@ def test_pretraining_ablation_runs_its_own_pretraining_and_rows(collection_study
 
 def test_a_lost_pretraining_reruns_only_for_runs_that_load_it(collection_study):
     """A pre-training whose checkpoint is gone (a lost scratch folder) is not rerun when every run of
-    the call that loads it is done; it is rerun for one that is not, and the registration record of
-    the deformer it replaced is dropped."""
+    the call that loads it is done; it is rerun for one that is not, as a new attempt: the record and
+    the registration record of the deformer it replaced stay in pretraining_replaced, and the runs
+    that loaded it keep its share and log."""
     out, env, cmd = collection_study["out"], collection_study["env"], collection_study["cmd"]
     methods = cmd.index("--methods") + 1
     call = cmd[:methods] + ["nnUNetTrainerGEMINIFinetune"] + cmd[methods + 1:] + [
@@ -256,10 +257,24 @@ def test_a_lost_pretraining_reruns_only_for_runs_that_load_it(collection_study):
     assert not checkpoint.exists()
     # N = 1 has not run from it: the pre-training runs again, and a registration record of the old deformer goes
     results = json.loads((out / "results.json").read_text())
-    results["registration"][key] = {"deformation": "diffeomorphic", "pretrain_iterations": 1, "dice_mean": 0.5}
+    old_registration = {"deformation": "diffeomorphic", "pretrain_iterations": 1, "pairs": 2, "dice_mean": 0.5,
+                        "dice_std": 0.1}
+    results["registration"][key] = old_registration
     (out / "results.json").write_text(json.dumps(results))
     third = run_command(call, env, timeout=900)
     assert "gemini_pretrain" in third.stdout and checkpoint.is_file()
     results = json.loads((out / "results.json").read_text())
     assert key not in results["registration"]
-    assert {r["n"] for r in results["runs"] if r["method"] == "nnUNetTrainerGEMINIFinetune"} == {1, 2}
+    (replaced,) = results["pretraining_replaced"]
+    assert replaced == dict(before["pretraining"][key], key=key, replaced=replaced["replaced"],
+                            registration=old_registration)
+    assert f"| {key} (attempt 0, replaced) (1 pre-train it) | 2 | 0.500 ± 0.100 |" in (out / "results.md").read_text()
+    assert results["pretraining"][key]["attempt"] == 1
+    runs = {r["n"]: r for r in results["runs"] if r["method"] == "nnUNetTrainerGEMINIFinetune"}
+    assert set(runs) == {1, 2} and runs[2] == next(r for r in before["runs"] if r["label"] == runs[2]["label"])
+    assert runs[2]["pretrain_share_seconds"] == before["pretraining"][key]["seconds"]
+    assert runs[1]["pretraining_attempt"] == 1
+    assert runs[1]["pretrain_share_seconds"] == results["pretraining"][key]["seconds"]
+    stage = checkpoint.parent.name
+    assert (out / "logs" / f"{stage}.log").is_file() and (out / "logs" / f"{stage}_attempt1.log").is_file()
+    assert (checkpoint.parent / "progress_attempt1.png").is_file()
