@@ -677,25 +677,30 @@ class Benchmark:
 
 
 def share_pretraining(results: dict) -> None:
-    """Each run that loads a pre-training carries an equal share of its wall time: pre-training
-    seconds / all runs in results.json that load it, this call's and earlier calls' alike
-    (ablation rows included), so the share does not depend on how the study was split into
-    calls. A replaced pre-training (pretraining_replaced) is shared by the runs that loaded it;
-    runs of one replaced before that list was kept keep the share they had."""
-    records = [*results.get("pretraining", {}).items(),
-               *((r["key"], r) for r in results.get("pretraining_replaced", []))]
-    for key, record in records:
-        if record.get("deformation", key) != "diffeomorphic":
-            continue  # the displacement pre-training serves the registration record only
-        users = [r for r in results["runs"] if r["method"] in USES_PRETRAINING and not r.get("reference")
-                 and r.get("pretraining", "diffeomorphic") == key
-                 and r.get("pretraining_attempt", 0) == record.get("attempt", 0)
-                 and r.get("pretrain_iterations", record["iterations"]) == record["iterations"]]
-        share = record["seconds"] / max(1, len(users))
-        for r in users:
-            r["pretrain_iterations"] = record["iterations"]
-            r["pretrain_share_seconds"] = round(share, 1)
-            r["wall_seconds"] = round(r["train_seconds"] + r["predict_seconds"] + share, 1)
+    """Each run that loads a pre-training carries an equal share of its wall time: the seconds of
+    the pre-training it loaded / all runs in results.json that load that pre-training (same key and
+    iterations), this call's and earlier calls' alike (ablation rows included), so the share does
+    not depend on how the study was split into calls, nor on how often a lost checkpoint was rerun
+    (an attempt in pretraining_replaced is a recovery cost, kept there). Runs of a pre-training
+    replaced before that list was kept keep the share they had."""
+    records = {(key, r.get("attempt", 0)): (key, r) for key, r in results.get("pretraining", {}).items()}
+    records.update({(r["key"], r.get("attempt", 0)): (r["key"], r) for r in results.get("pretraining_replaced", [])})
+    loaded = []  # (run, the record of the attempt it loaded)
+    for r in results["runs"]:
+        key = r.get("pretraining", "diffeomorphic")
+        _, record = records.get((key, r.get("pretraining_attempt", 0)), (key, None))
+        if (r["method"] in USES_PRETRAINING and not r.get("reference") and record is not None
+                and record.get("deformation", key) == "diffeomorphic"  # a displacement one: registration only
+                and r.get("pretrain_iterations", record["iterations"]) == record["iterations"]):
+            loaded.append((r, key, record))
+    users = {}
+    for _, key, record in loaded:
+        users[key, record["iterations"]] = users.get((key, record["iterations"]), 0) + 1
+    for r, key, record in loaded:
+        share = record["seconds"] / users[key, record["iterations"]]
+        r["pretrain_iterations"] = record["iterations"]
+        r["pretrain_share_seconds"] = round(share, 1)
+        r["wall_seconds"] = round(r["train_seconds"] + r["predict_seconds"] + share, 1)
 
 
 # ---------------------------------------------------------------------- reports
