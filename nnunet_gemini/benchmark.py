@@ -683,12 +683,12 @@ def share_pretraining(results: dict) -> None:
     not depend on how the study was split into calls, nor on how often a lost checkpoint was rerun
     (an attempt in pretraining_replaced is a recovery cost, kept there). Runs of a pre-training
     replaced before that list was kept keep the share they had."""
-    records = {(key, r.get("attempt", 0)): (key, r) for key, r in results.get("pretraining", {}).items()}
-    records.update({(r["key"], r.get("attempt", 0)): (r["key"], r) for r in results.get("pretraining_replaced", [])})
-    loaded = []  # (run, the record of the attempt it loaded)
+    records = {(key, r.get("attempt", 0)): r for key, r in results.get("pretraining", {}).items()}
+    records.update({(r["key"], r.get("attempt", 0)): r for r in results.get("pretraining_replaced", [])})
+    loaded = []  # (run, its pre-training's key, the record of the attempt it loaded)
     for r in results["runs"]:
         key = r.get("pretraining", "diffeomorphic")
-        _, record = records.get((key, r.get("pretraining_attempt", 0)), (key, None))
+        record = records.get((key, r.get("pretraining_attempt", 0)))
         if (r["method"] in USES_PRETRAINING and not r.get("reference") and record is not None
                 and record.get("deformation", key) == "diffeomorphic"  # a displacement one: registration only
                 and r.get("pretrain_iterations", record["iterations"]) == record["iterations"]):
