@@ -23,6 +23,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -170,6 +171,13 @@ def training_logs_in(folder: Path) -> set:
     return {p.name for p in Path(folder).glob("training_log_*.txt")}
 
 
+def pretraining_attempts(results: dict) -> list:
+    """(key, record) of every pre-training results.json records: the current attempt of each key
+    and those a rerun replaced (pretraining_replaced)."""
+    return [*results.get("pretraining", {}).items(),
+            *((r["key"], r) for r in results.get("pretraining_replaced", []))]
+
+
 def finished_outputs(results: dict) -> tuple:
     """(log names in OUT/logs, {folder relative to OUT: the training logs in it to publish, or None
     for all}) of the runs and pre-trainings that results.json records as finished: what a study may
@@ -185,7 +193,7 @@ def finished_outputs(results: dict) -> tuple:
                                                                else set())
         folder = run_folder(results_root_name(run["reference"], ablation), run["dataset"], run["trainer"], run["fold"])
         folders[str(folder)] = set(run["training_logs"]) if "training_logs" in run else None
-    for record in [*results["pretraining"].values(), *results.get("pretraining_replaced", [])]:
+    for _, record in pretraining_attempts(results):
         ablation = {k: record[k] for k in ABLATIONS if k in PRETRAIN_ABLATIONS and k in record}
         stage = pretrain_stage(record["deformation"], record["dataset"], collection_mode, ablation)
         logs.add(f"{stage}{attempt_suffix(record.get('attempt', 0))}.log")
@@ -379,7 +387,7 @@ class Benchmark:
         """One gemini_pretrain run on `dataset_name` (recorded; reused by a later call). Run again
         (its checkpoint lost, or another budget), it is a new attempt: the record it replaces moves,
         with its registration record, to results.json's pretraining_replaced, where the runs that
-        loaded it keep finding it; its log and progress plot keep their names."""
+        loaded it keep finding it; the new attempt's log and progress plot get names of their own."""
         key = self._pretraining_key(deformation, dataset_name)
         record = self.results["pretraining"].get(key)
         iterations = self.budget["pretrain_epochs"] * self.budget["pretrain_iters"]
@@ -683,8 +691,7 @@ def share_pretraining(results: dict) -> None:
     not depend on how the study was split into calls, nor on how often a lost checkpoint was rerun
     (an attempt in pretraining_replaced is a recovery cost, kept there). Runs of a pre-training
     replaced before that list was kept keep the share they had."""
-    records = {(key, r.get("attempt", 0)): r for key, r in results.get("pretraining", {}).items()}
-    records.update({(r["key"], r.get("attempt", 0)): r for r in results.get("pretraining_replaced", [])})
+    records = {(key, r.get("attempt", 0)): r for key, r in pretraining_attempts(results)}
     loaded = []  # (run, its pre-training's key, the record of the attempt it loaded)
     for r in results["runs"]:
         key = r.get("pretraining", "diffeomorphic")
@@ -693,9 +700,7 @@ def share_pretraining(results: dict) -> None:
                 and record.get("deformation", key) == "diffeomorphic"  # a displacement one: registration only
                 and r.get("pretrain_iterations", record["iterations"]) == record["iterations"]):
             loaded.append((r, key, record))
-    users = {}
-    for _, key, record in loaded:
-        users[key, record["iterations"]] = users.get((key, record["iterations"]), 0) + 1
+    users = Counter((key, record["iterations"]) for _, key, record in loaded)
     for r, key, record in loaded:
         share = record["seconds"] / users[key, record["iterations"]]
         r["pretrain_iterations"] = record["iterations"]
