@@ -63,6 +63,10 @@ ABLATIONS = {
     "gemini_pair_positions": ("nnUNet_gemini_pair_positions", "pairs at {} positions", USES_GEMINI_LOSS,
                               "the two patches of a pair at the same relative position of their cases (the "
                               "design) or at independent random positions", "same"),
+    # the methods that load a pre-training load one run with gemini_pretrain --deformation of this model
+    "gemini_deformation": ("nnUNet_gemini_deformation", "deformation {}", GEMINI_TRAINERS,
+                           "the deformer's deformation model, and that of the pre-training the runs load",
+                           "diffeomorphic"),
     "gemini_deformer_lr": ("nnUNet_gemini_deformer_lr", "deformer lr {:g}", USES_GEMINI_LOSS,
                            "the deformer's own Adam learning rate", "1e-4, as released"),
     "gemini_lr": ("nnUNet_gemini_lr", "lr {:g}", GEMINI_TRAINERS, "the network's initial SGD learning rate",
@@ -82,7 +86,8 @@ ABLATIONS = {
                                     "gemini_pretrain's weight W of the restoration MSE", "100, as released"),
 }
 PRETRAIN_ABLATIONS = {"pretrain_decorrelation", "pretrain_encoder_decorrelation", "pretrain_restoration_weight"}
-CHOICE_ABLATIONS = {"gemini_pair_positions": PAIR_POSITIONS, "gemini_transfer": TRANSFERS}  # the others: numbers
+CHOICE_ABLATIONS = {"gemini_pair_positions": PAIR_POSITIONS, "gemini_deformation": DEFORMATIONS,
+                    "gemini_transfer": TRANSFERS}  # the others: numbers
 DEMO_ID = 991
 COLLECTION_FIRST_ID = 901  # --collection datasets: 901, 902, ... under -o (never the user's nnUNet_raw)
 CONFIGURATION = "3d_fullres"
@@ -224,6 +229,13 @@ def training_n_proc_da(device: str, jobs: int, user_value: Optional[str],
     return None
 
 
+def registered_deformations(registration: Optional[str], collection_mode: bool, used: str) -> tuple:
+    """The deformation models whose pre-trained deformer's registration a call records (--registration):
+    by default both on -d, and with --collection only the one the runs load (`used`)."""
+    registration = registration or (used if collection_mode else "both")
+    return {"both": DEFORMATIONS, "none": ()}.get(registration, (registration,))
+
+
 class Benchmark:
     def __init__(self, args, out_dir: Path, folders: dict):
         self.a, self.out, self.folders = args, out_dir, folders
@@ -243,6 +255,7 @@ class Benchmark:
         self.ablation = {k: getattr(args, k, None) for k in ABLATIONS}
         # gemini_pretrain flags of this call's pre-trainings (an ablation: their own key, folder and rows)
         self.pretrain_ablation = {k: v for k, v in self.ablation.items() if k in PRETRAIN_ABLATIONS and v is not None}
+        self.deformation = self.ablation["gemini_deformation"] or "diffeomorphic"  # of the pre-training runs load
         self.collection_mode = getattr(args, "collection", None) is not None
         self.env = env
         (out_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -431,7 +444,7 @@ class Benchmark:
         """Make the cell's shared pre-training visible where its trainer looks for one: under
         results_root for the cell's dataset (a link to the checkpoint of the dataset that ran it)."""
         from nnunet_gemini.pretrained import FINAL_CHECKPOINT, pretrain_output_dir
-        shared = self._pretrain_checkpoint("diffeomorphic", cell["pretrain_dataset"])
+        shared = self._pretrain_checkpoint(self.deformation, cell["pretrain_dataset"])
         link = Path(pretrain_output_dir(cell["dataset_name"], PLANS, CONFIGURATION, results_root), FINAL_CHECKPOINT)
         if link == shared:
             return
@@ -483,7 +496,7 @@ class Benchmark:
         tag = run_tag(method, ablation, n, draw, iterations)
         results_dir = (str(self.out / results_root_name(reference, ablation)) if reference or ablation else
                        self.folders["nnUNet_results"])
-        pretraining_key = self._pretraining_key("diffeomorphic", cell["pretrain_dataset"])
+        pretraining_key = self._pretraining_key(self.deformation, cell["pretrain_dataset"])
         if method in USES_PRETRAINING:
             self._link_pretraining(results_dir, cell)
         env = {"nnUNet_results": results_dir, "nnUNet_gemini_num_epochs": str(epochs),
@@ -633,8 +646,7 @@ class Benchmark:
         self.results.update(budget=label, budget_iterations=dict(self.budget), device=self.device,
                             machine=_machine(self.device), command=["gemini_benchmark"] + list(self.argv))
         self._save()
-        registration = self.a.registration or ("diffeomorphic" if self.collection_mode else "both")
-        deformations = {"both": DEFORMATIONS, "diffeomorphic": ("diffeomorphic",), "none": ()}[registration]
+        deformations = registered_deformations(self.a.registration, self.collection_mode, self.deformation)
         runs = [dict(method=method, n=n, draw=draw, epochs=self.budget["train_epochs"])
                 for n in ns for draw in draws for method in methods]
         if self.a.reference_iters:
@@ -646,12 +658,12 @@ class Benchmark:
         groups = sorted({self.cells[(r["n"], r["draw"])]["pretrain_dataset"] for r in runs})
         loaded = {self.cells[(r["n"], r["draw"])]["pretrain_dataset"] for r in pending
                   if r["method"] in USES_PRETRAINING}
+        used = self.deformation  # the model of the pre-training the runs load
         for dataset_name in groups:
-            if dataset_name in loaded or ("diffeomorphic" in deformations
-                                          and not self.registration_recorded("diffeomorphic", dataset_name)):
-                self.pretrain("diffeomorphic", dataset_name)
-            if "diffeomorphic" in deformations:  # how well it registers is known before hours of training
-                self.registration("diffeomorphic", dataset_name)
+            if dataset_name in loaded or (used in deformations and not self.registration_recorded(used, dataset_name)):
+                self.pretrain(used, dataset_name)
+            if used in deformations:  # how well it registers is known before hours of training
+                self.registration(used, dataset_name)
         if deformations:
             self.unregistered_dice()
         self.preprocess_pools(runs)
@@ -697,7 +709,6 @@ def share_pretraining(results: dict) -> None:
         key = r.get("pretraining", "diffeomorphic")
         record = records.get((key, r.get("pretraining_attempt", 0)))
         if (r["method"] in USES_PRETRAINING and not r.get("reference") and record is not None
-                and record.get("deformation", key) == "diffeomorphic"  # a displacement one: registration only
                 and r.get("pretrain_iterations", record["iterations"]) == record["iterations"]):
             loaded.append((r, key, record))
     users = Counter((key, record["iterations"]) for _, key, record in loaded)
@@ -880,10 +891,10 @@ def _main(argv=None) -> int:
                             f"'{label.split(' {')[0]} ...'. Default: {whose} ({default})")
     p.add_argument("--reference_iters", type=int, default=None, metavar="K",
                    help="one extra nnUNetTrainer run per N (draw 0) with about K supervised iterations")
-    p.add_argument("--registration", choices=("both", "diffeomorphic", "none"), default=None,
-                   help="registration quality of the pre-trained deformer: both deformation models (a second "
-                        "pre-training with --deformation displacement), the diffeomorphic one, or none. Default: "
-                        "both on -d (ordered test pairs), diffeomorphic with --collection (selection-set pairs)")
+    p.add_argument("--registration", choices=("both", *DEFORMATIONS, "none"), default=None,
+                   help="registration quality of the pre-trained deformer: both deformation models (a "
+                        "pre-training of each), one of them, or none. Default: both on -d (ordered test pairs); "
+                        "with --collection the one the runs load (--gemini_deformation; selection-set pairs)")
     p.add_argument("-device", default=None, help="cuda|cpu|mps; default: cuda when available, else cpu")
     p.add_argument("--jobs", type=int, default=1,
                    help="trainings (each with its prediction) run at the same time: worth it on a GPU that one "

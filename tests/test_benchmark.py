@@ -216,6 +216,7 @@ def test_method_labels_and_ablation_results_dir_links_the_shared_pretraining(tmp
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     bench = Benchmark.__new__(Benchmark)
     bench.out, bench.collection_mode, bench.pretrain_ablation = tmp_path / "study", False, {}
+    bench.deformation = "diffeomorphic"
     bench.folders = {"nnUNet_results": str(tmp_path / "results")}
     cell = {"dataset_name": "Dataset991_GeminiDemo", "pretrain_dataset": "Dataset991_GeminiDemo"}
     shared = bench._pretrain_checkpoint("diffeomorphic", "Dataset991_GeminiDemo")
@@ -280,7 +281,7 @@ def _pretraining_benchmark(out, pretrain_ablation):
     bench.folders = {"nnUNet_results": str(out / "nnUNet_results")}
     bench.budget = dict(pretrain_epochs=1, pretrain_iters=2)
     bench.results, bench.n_proc_da_pretrain, bench._save = {"pretraining": {}, "registration": {}}, None, lambda: None
-    bench.pretrain_ablation = pretrain_ablation
+    bench.pretrain_ablation, bench.deformation = pretrain_ablation, "diffeomorphic"
     return bench
 
 
@@ -329,6 +330,55 @@ def test_pretraining_ablation_has_its_own_key_checkpoint_command_and_rows(tmp_pa
     monkeypatch.setenv("nnUNet_results", folder)
     found = find_pretrained_checkpoint("Dataset903_GeminiStudyN2draw0", "nnUNetPlans", "3d_fullres")
     assert found is not None and open(found, "rb").read() == b"decorrelated"
+
+
+def test_deformation_ablation_loads_a_pretraining_of_its_model(tmp_path, monkeypatch):
+    """--gemini_deformation displacement: every GEMINI trainer's row of its own (stock nnU-Net stays
+    stock), a gemini_pretrain --deformation displacement run in a folder of its own under its own key,
+    linked where the ablation's trainers look; its runs carry that pre-training's seconds."""
+    from nnunet_gemini.benchmark import method_label, registered_deformations, run_tag, share_pretraining
+    from nnunet_gemini.pretrained import find_pretrained_checkpoint
+    assert method_label("nnUNetTrainerGEMINI", gemini_deformation="displacement", pretrain_decorrelation=10.0) == \
+        "nnUNetTrainerGEMINI (deformation displacement, pre-training decorrelation 10)"
+    assert method_label("nnUNetTrainerGEMINI_NoPretrain", gemini_deformation="displacement") == \
+        "nnUNetTrainerGEMINI_NoPretrain (deformation displacement)"
+    assert method_label("nnUNetTrainer", gemini_deformation="displacement") == "nnUNetTrainer"
+    assert run_tag("nnUNetTrainerGEMINI", {"gemini_deformation": "displacement"}, 1, 0, 500) == \
+        "nnUNetTrainerGEMINI_deformationdisplacement_N1_draw0_500it"
+    # registration: with --collection, of the model the runs load unless --registration says otherwise
+    assert registered_deformations(None, True, "displacement") == ("displacement",)
+    assert registered_deformations(None, True, "diffeomorphic") == ("diffeomorphic",)
+    assert registered_deformations(None, False, "displacement") == ("diffeomorphic", "displacement")
+    assert registered_deformations("none", True, "displacement") == ()
+    assert registered_deformations("diffeomorphic", True, "displacement") == ("diffeomorphic",)
+    bench = _pretraining_benchmark(tmp_path / "study", {"pretrain_decorrelation": 10.0})
+    bench.deformation = "displacement"
+    name = "Dataset901_GeminiStudyN1draw0"
+    key = bench._pretraining_key("displacement", name)
+    assert key == "displacement:Dataset901_GeminiStudyN1draw0 (pre-training decorrelation 10)"
+    checkpoint = bench._pretrain_checkpoint("displacement", name)
+    assert checkpoint.parent == tmp_path / "study" / f"pretrain_displacement_pretrain_decorrelation10_{name}"
+    commands = []
+
+    def run(stage, cmd, extra_env=None):
+        commands.append(cmd)
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_bytes(b"displacement")
+        return 120.0
+    bench.run = run
+    record = bench.pretrain("displacement", name)
+    ((cmd,),) = [commands]
+    assert cmd[cmd.index("--deformation") + 1] == "displacement" and cmd[cmd.index("-o") + 1] == str(checkpoint.parent)
+    assert record["deformation"] == "displacement"
+    folder = str(tmp_path / "study" / "nnUNet_results_ablation_deformationdisplacement_pretrain_decorrelation10")
+    bench._link_pretraining(folder, {"dataset_name": "Dataset903_GeminiStudyN2draw0", "pretrain_dataset": name})
+    monkeypatch.setenv("nnUNet_results", folder)
+    found = find_pretrained_checkpoint("Dataset903_GeminiStudyN2draw0", "nnUNetPlans", "3d_fullres")
+    assert found is not None and open(found, "rb").read() == b"displacement"
+    runs = [{"method": m, "label": m, "train_seconds": 100.0, "predict_seconds": 10.0, "pretrain_share_seconds": 0.0,
+             "wall_seconds": 110.0, "pretraining": key} for m in ("nnUNetTrainerGEMINI", "nnUNetTrainerGEMINIFinetune")]
+    share_pretraining({"runs": runs, "pretraining": bench.results["pretraining"]})
+    assert [r["pretrain_share_seconds"] for r in runs] == [60.0, 60.0]
 
 
 @pytest.mark.parametrize("key,flag,label", [

@@ -281,3 +281,28 @@ def test_a_lost_pretraining_reruns_only_for_runs_that_load_it(collection_study):
     stage = checkpoint.parent.name
     assert (out / "logs" / f"{stage}.log").is_file() and (out / "logs" / f"{stage}_attempt1.log").is_file()
     assert (checkpoint.parent / "progress_attempt1.png").is_file()
+
+
+def test_deformation_ablation_trains_from_a_displacement_pretraining(collection_study):
+    """--gemini_deformation displacement end to end: gemini_pretrain --deformation displacement in a
+    folder of its own, and nnUNetTrainerGEMINI fine-tuned from it with a displacement deformer (its
+    checkpoint says so), in a row of its own."""
+    import torch
+    out, env, cmd = collection_study["out"], collection_study["env"], collection_study["cmd"]
+    methods = cmd.index("--methods") + 1
+    call = cmd[:methods] + ["nnUNetTrainerGEMINI"] + cmd[methods + 1:]
+    call[call.index("--n") + 1:call.index("--n") + 3] = ["1"]
+    run_command(call + ["--gemini_deformation", "displacement", "--pretrain_epochs", "1", "--pretrain_iters", "1"],
+                env, timeout=900)
+    results = json.loads((out / "results.json").read_text())
+    (run,) = [r for r in results["runs"] if r.get("gemini_deformation") == "displacement"]
+    assert run["label"] == "nnUNetTrainerGEMINI (deformation displacement)"
+    record = results["pretraining"][run["pretraining"]]
+    assert run["pretraining"].startswith("displacement:") and record["deformation"] == "displacement"
+    assert Path(record["checkpoint"]).parent == out / f"pretrain_displacement_{record['dataset']}"
+    folder = out / "nnUNet_results_ablation_deformationdisplacement" / run["dataset"] / \
+        "nnUNetTrainerGEMINI__nnUNetPlans__3d_fullres" / "fold_all"
+    trained = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert trained["gemini"]["deformation"] == "displacement" and trained["gemini"]["deformer"]["bidirectional"]
+    assert str(Path(record["checkpoint"]).name) in trained["gemini"]["pretrained_source"]
+    assert "| nnUNetTrainerGEMINI (deformation displacement) | " in (out / "results.md").read_text()
