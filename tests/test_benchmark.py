@@ -285,6 +285,19 @@ def _pretraining_benchmark(out, pretrain_ablation):
     return bench
 
 
+def _fake_pretrain_runs(bench, checkpoint, content, seconds):
+    """Stand in for the gemini_pretrain subprocess: record (stage, command), write the checkpoint."""
+    commands = []
+
+    def run(stage, cmd, extra_env=None):
+        commands.append((stage, cmd))
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_bytes(content)
+        return seconds
+    bench.run = run
+    return commands
+
+
 def test_pretraining_ablation_has_its_own_key_checkpoint_command_and_rows(tmp_path, monkeypatch):
     """--pretrain_decorrelation W: this call's pre-training runs with gemini_pretrain --decorrelation W
     into a folder of its own, is recorded under its own key, and is linked where the ablation's trainers
@@ -305,14 +318,7 @@ def test_pretraining_ablation_has_its_own_key_checkpoint_command_and_rows(tmp_pa
     checkpoint = bench._pretrain_checkpoint("diffeomorphic", name)
     assert checkpoint == tmp_path / "study" / f"pretrain_diffeomorphic_pretrain_decorrelation10_{name}" / \
         "checkpoint_final.pth"
-    commands = []
-
-    def run(stage, cmd, extra_env=None):
-        commands.append((stage, cmd))
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_bytes(b"decorrelated")
-        return 1.0
-    bench.run = run
+    commands = _fake_pretrain_runs(bench, checkpoint, b"decorrelated", 1.0)
     record = bench.pretrain("diffeomorphic", name)
     ((stage, cmd),) = commands
     assert cmd[cmd.index("--decorrelation") + 1] == "10" and cmd[cmd.index("-o") + 1] == str(checkpoint.parent)
@@ -358,16 +364,9 @@ def test_deformation_ablation_loads_a_pretraining_of_its_model(tmp_path, monkeyp
     assert key == "displacement:Dataset901_GeminiStudyN1draw0 (pre-training decorrelation 10)"
     checkpoint = bench._pretrain_checkpoint("displacement", name)
     assert checkpoint.parent == tmp_path / "study" / f"pretrain_displacement_pretrain_decorrelation10_{name}"
-    commands = []
-
-    def run(stage, cmd, extra_env=None):
-        commands.append(cmd)
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_bytes(b"displacement")
-        return 120.0
-    bench.run = run
+    commands = _fake_pretrain_runs(bench, checkpoint, b"displacement", 120.0)
     record = bench.pretrain("displacement", name)
-    ((cmd,),) = [commands]
+    ((_, cmd),) = commands
     assert cmd[cmd.index("--deformation") + 1] == "displacement" and cmd[cmd.index("-o") + 1] == str(checkpoint.parent)
     assert record["deformation"] == "displacement"
     folder = str(tmp_path / "study" / "nnUNet_results_ablation_deformationdisplacement_pretrain_decorrelation10")
@@ -391,16 +390,9 @@ def test_pretraining_ablation_passes_its_flag_to_gemini_pretrain(key, flag, labe
     name = "Dataset901_GeminiStudyN1draw0"
     checkpoint = bench._pretrain_checkpoint("diffeomorphic", name)
     assert checkpoint.parent == tmp_path / f"pretrain_diffeomorphic_{key}10_{name}"
-    commands = []
-
-    def run(stage, cmd, extra_env=None):
-        commands.append(cmd)
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_bytes(b"x")
-        return 1.0
-    bench.run = run
+    commands = _fake_pretrain_runs(bench, checkpoint, b"x", 1.0)
     record = bench.pretrain("diffeomorphic", name)
-    ((cmd,),) = [commands]
+    ((_, cmd),) = commands
     assert cmd[cmd.index(flag) + 1] == "10" and "--decorrelation" not in cmd
     assert record[key] == 10.0
     assert bench._pretraining_key("diffeomorphic", name).endswith(f"(pre-training {label} 10)")
