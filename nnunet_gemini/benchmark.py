@@ -84,8 +84,14 @@ ABLATIONS = {
                                        "on the encoder stages", "0, as released"),
     "pretrain_restoration_weight": ("--restoration_weight", "pre-training restoration weight {:g}", USES_PRETRAINING,
                                     "gemini_pretrain's weight W of the restoration MSE", "100, as released"),
+    # a longer (or shorter) pre-training beside the budget's, which keeps its own checkpoint
+    "pretrain_length": ("--epochs", "pre-training {:g} epochs", USES_PRETRAINING,
+                        "gemini_pretrain's number of epochs E (of --pretrain_iters iterations each)",
+                        "the budget's --pretrain_epochs"),
 }
-PRETRAIN_ABLATIONS = {"pretrain_decorrelation", "pretrain_encoder_decorrelation", "pretrain_restoration_weight"}
+PRETRAIN_ABLATIONS = {"pretrain_decorrelation", "pretrain_encoder_decorrelation", "pretrain_restoration_weight",
+                      "pretrain_length"}
+INTEGER_ABLATIONS = {"pretrain_length"}
 CHOICE_ABLATIONS = {"gemini_pair_positions": PAIR_POSITIONS, "gemini_deformation": DEFORMATIONS,
                     "gemini_transfer": TRANSFERS}  # the others: numbers
 DEMO_ID = 991
@@ -391,6 +397,11 @@ class Benchmark:
         parts = [ABLATIONS[k][1].format(v) for k, v in self.pretrain_ablation.items()]
         return key + (f" ({', '.join(parts)})" if parts else "")
 
+    @property
+    def pretrain_epochs(self) -> int:
+        """Of this call's pre-trainings: the budget's, unless --pretrain_length sets them."""
+        return self.pretrain_ablation.get("pretrain_length", self.budget["pretrain_epochs"])
+
     def _pretrain_checkpoint(self, deformation: str, dataset_name: str) -> Path:
         from nnunet_gemini.pretrained import FINAL_CHECKPOINT
         return Path(pretrain_folder(deformation, dataset_name, self.collection_mode, self.pretrain_ablation,
@@ -403,15 +414,16 @@ class Benchmark:
         loaded it keep finding it; the new attempt's log and progress plot get names of their own."""
         key = self._pretraining_key(deformation, dataset_name)
         record = self.results["pretraining"].get(key)
-        iterations = self.budget["pretrain_epochs"] * self.budget["pretrain_iters"]
+        iterations = self.pretrain_epochs * self.budget["pretrain_iters"]
         checkpoint = self._pretrain_checkpoint(deformation, dataset_name)
         if record and record["iterations"] == iterations and checkpoint.is_file():
             return record
         attempt = record.get("attempt", 0) + 1 if record else 0
         cmd = ["gemini_pretrain", "-d", str(dataset_id_of(dataset_name)), "-c", CONFIGURATION, "-p", PLANS,
-               "-device", self.device, "--epochs", str(self.budget["pretrain_epochs"]),
+               "-device", self.device, "--epochs", str(self.pretrain_epochs),
                "--iters_per_epoch", str(self.budget["pretrain_iters"]), "--deformation", deformation]
-        cmd += [arg for k, v in self.pretrain_ablation.items() for arg in (ABLATIONS[k][0], f"{v:g}")]
+        cmd += [arg for k, v in self.pretrain_ablation.items() if k != "pretrain_length"
+                for arg in (ABLATIONS[k][0], f"{v:g}")]
         if deformation != "diffeomorphic" or self.pretrain_ablation:
             cmd += ["-o", str(checkpoint.parent)]
         stage = pretrain_stage(deformation, dataset_name, self.collection_mode, self.pretrain_ablation)
@@ -545,7 +557,7 @@ class Benchmark:
         """Whether results.json holds the registration record of this pre-training at this budget."""
         key = self._pretraining_key(deformation, dataset_name)
         done, record = self.results["registration"].get(key), self.results["pretraining"].get(key)
-        iterations = self.budget["pretrain_epochs"] * self.budget["pretrain_iters"]
+        iterations = self.pretrain_epochs * self.budget["pretrain_iters"]
         return bool(done and record and done.get("pretrain_iterations") == record["iterations"] == iterations)
 
     def registration(self, deformation: str, dataset_name: str) -> dict:
@@ -885,6 +897,7 @@ def _main(argv=None) -> int:
                "every GEMINI trainer")
         whose = "gemini_pretrain's" if flag in PRETRAIN_ABLATIONS else "the trainers'"
         kind = dict(choices=CHOICE_ABLATIONS[flag]) if flag in CHOICE_ABLATIONS else \
+            dict(type=int, metavar="E") if flag in INTEGER_ABLATIONS else \
             dict(type=float, metavar="S" if "share" in what else "W" if "weight" in what else "LR")
         p.add_argument(f"--{flag}", default=None, **kind,
                        help=f"ablation: {var} ({what}) for {who}; their runs are rows of their own, labelled "
@@ -920,9 +933,11 @@ def _main(argv=None) -> int:
     p.add_argument("--own_nnunet_folders", action="store_true",
                    help="keep nnUNet_raw/_preprocessed/_results inside -o even when the nnUNet_* variables are set")
     a = p.parse_args(argv)
-    overrides = [a.train_epochs, a.train_iters, a.val_iters, a.pretrain_epochs, a.pretrain_iters, a.reference_iters]
+    overrides = [a.train_epochs, a.train_iters, a.val_iters, a.pretrain_epochs, a.pretrain_iters, a.reference_iters,
+                 a.pretrain_length]
     if a.draws < 1 or min(a.n) < 1 or a.jobs < 1 or any(v is not None and v < 1 for v in overrides):
-        raise GeminiUserError("--n, --draws, --jobs, --reference_iters and the budget overrides must be positive")
+        raise GeminiUserError("--n, --draws, --jobs, --reference_iters, --pretrain_length and the budget overrides "
+                              "must be positive")
     def finite(v):
         return v is None or 0 <= v < float("inf")
     if a.gemini_weight is not None and not (finite(a.gemini_weight) and a.gemini_weight > 0):

@@ -398,6 +398,37 @@ def test_pretraining_ablation_passes_its_flag_to_gemini_pretrain(key, flag, labe
     assert bench._pretraining_key("diffeomorphic", name).endswith(f"(pre-training {label} 10)")
 
 
+def test_pretraining_length_ablation_runs_beside_the_budgets_pretraining(tmp_path):
+    """--pretrain_length E: gemini_pretrain --epochs E (once) into a folder and key of its own,
+    recorded with E x --pretrain_iters iterations; the budget's pre-training and its record stay
+    as they were, and a second call reuses the longer one."""
+    from nnunet_gemini.benchmark import main, method_label
+    assert method_label("nnUNetTrainerGEMINI", pretrain_length=20) == "nnUNetTrainerGEMINI (pre-training 20 epochs)"
+    name = "Dataset901_GeminiStudyN1draw0"
+    standard = _pretraining_benchmark(tmp_path, {})
+    _fake_pretrain_runs(standard, standard._pretrain_checkpoint("diffeomorphic", name), b"budget", 1.0)
+    budget_record = dict(standard.pretrain("diffeomorphic", name))
+    assert budget_record["iterations"] == 2
+    bench = _pretraining_benchmark(tmp_path, {"pretrain_length": 20})
+    bench.results = standard.results
+    key = bench._pretraining_key("diffeomorphic", name)
+    assert key == f"diffeomorphic:{name} (pre-training 20 epochs)"
+    checkpoint = bench._pretrain_checkpoint("diffeomorphic", name)
+    assert checkpoint.parent == tmp_path / f"pretrain_diffeomorphic_pretrain_length20_{name}"
+    commands = _fake_pretrain_runs(bench, checkpoint, b"long", 1.0)
+    record = bench.pretrain("diffeomorphic", name)
+    ((_, cmd),) = commands
+    assert cmd.count("--epochs") == 1 and cmd[cmd.index("--epochs") + 1] == "20" and "--decorrelation" not in cmd
+    assert record["iterations"] == 40 and record["pretrain_length"] == 20
+    assert standard.results["pretraining"][standard._pretraining_key("diffeomorphic", name)] == budget_record
+    assert bench.pretrain("diffeomorphic", name) is record and len(commands) == 1
+    bench.results["registration"][key] = {"pretrain_iterations": 40}
+    assert bench.registration_recorded("diffeomorphic", name)
+    with pytest.raises(SystemExit) as e:
+        main(["--pretrain_length", "0", "-o", str(tmp_path / "out")])
+    assert e.value.code != 0
+
+
 def test_a_rerun_pretraining_is_a_new_attempt_and_keeps_the_one_it_replaces(tmp_path):
     """A recorded pre-training run again (its checkpoint lost) leaves the replaced record, with its
     registration record, in pretraining_replaced; its own log and plot carry the attempt; each
