@@ -402,6 +402,10 @@ class Benchmark:
         """Of this call's pre-trainings: the budget's, unless --pretrain_length sets them."""
         return self.pretrain_ablation.get("pretrain_length", self.budget["pretrain_epochs"])
 
+    @property
+    def pretrain_iterations(self) -> int:
+        return self.pretrain_epochs * self.budget["pretrain_iters"]
+
     def _pretrain_checkpoint(self, deformation: str, dataset_name: str) -> Path:
         from nnunet_gemini.pretrained import FINAL_CHECKPOINT
         return Path(pretrain_folder(deformation, dataset_name, self.collection_mode, self.pretrain_ablation,
@@ -414,7 +418,7 @@ class Benchmark:
         loaded it keep finding it; the new attempt's log and progress plot get names of their own."""
         key = self._pretraining_key(deformation, dataset_name)
         record = self.results["pretraining"].get(key)
-        iterations = self.pretrain_epochs * self.budget["pretrain_iters"]
+        iterations = self.pretrain_iterations
         checkpoint = self._pretrain_checkpoint(deformation, dataset_name)
         if record and record["iterations"] == iterations and checkpoint.is_file():
             return record
@@ -422,6 +426,7 @@ class Benchmark:
         cmd = ["gemini_pretrain", "-d", str(dataset_id_of(dataset_name)), "-c", CONFIGURATION, "-p", PLANS,
                "-device", self.device, "--epochs", str(self.pretrain_epochs),
                "--iters_per_epoch", str(self.budget["pretrain_iters"]), "--deformation", deformation]
+        # --pretrain_length is the --epochs above, not a flag of its own
         cmd += [arg for k, v in self.pretrain_ablation.items() if k != "pretrain_length"
                 for arg in (ABLATIONS[k][0], f"{v:g}")]
         if deformation != "diffeomorphic" or self.pretrain_ablation:
@@ -557,7 +562,7 @@ class Benchmark:
         """Whether results.json holds the registration record of this pre-training at this budget."""
         key = self._pretraining_key(deformation, dataset_name)
         done, record = self.results["registration"].get(key), self.results["pretraining"].get(key)
-        iterations = self.pretrain_epochs * self.budget["pretrain_iters"]
+        iterations = self.pretrain_iterations
         return bool(done and record and done.get("pretrain_iterations") == record["iterations"] == iterations)
 
     def registration(self, deformation: str, dataset_name: str) -> dict:
