@@ -415,7 +415,8 @@ class Benchmark:
         """One gemini_pretrain run on `dataset_name` (recorded; reused by a later call). Run again
         (its checkpoint lost, or another budget), it is a new attempt: the record it replaces moves,
         with its registration record, to results.json's pretraining_replaced, where the runs that
-        loaded it keep finding it; the new attempt's log and progress plot get names of their own."""
+        loaded it keep finding it; the new attempt's log and progress plot get names of their own.
+        A killed run, or a longer --pretrain_length, goes on from a checkpoint (_continue_pretraining)."""
         key = self._pretraining_key(deformation, dataset_name)
         record = self.results["pretraining"].get(key)
         iterations = self.pretrain_iterations
@@ -423,9 +424,11 @@ class Benchmark:
         if record and record["iterations"] == iterations and checkpoint.is_file():
             return record
         attempt = record.get("attempt", 0) + 1 if record else 0
+        continued = self._continue_pretraining(deformation, dataset_name, checkpoint)
         cmd = ["gemini_pretrain", "-d", str(dataset_id_of(dataset_name)), "-c", CONFIGURATION, "-p", PLANS,
                "-device", self.device, "--epochs", str(self.pretrain_epochs),
                "--iters_per_epoch", str(self.budget["pretrain_iters"]), "--deformation", deformation]
+        cmd += ["--c"] if continued else []
         # --pretrain_length is the --epochs above, not a flag of its own
         cmd += [arg for k, v in self.pretrain_ablation.items() if k != "pretrain_length"
                 for arg in (ABLATIONS[k][0], f"{v:g}")]
@@ -452,10 +455,42 @@ class Benchmark:
             self.results.setdefault("pretraining_replaced", []).append(replaced)
         record = {"deformation": deformation, "dataset": dataset_name, "checkpoint": str(checkpoint),
                   "iterations": iterations, "seconds": seconds, "device": self.device, "revision": self.revision,
-                  **self.pretrain_ablation, **({"attempt": attempt} if attempt else {})}
+                  **self.pretrain_ablation, **({"attempt": attempt} if attempt else {}), **continued}
         self.results["pretraining"][key] = record
         self._save()
         return record
+
+    def _continue_pretraining(self, deformation: str, dataset_name: str, checkpoint: Path) -> dict:
+        """Where this pre-training goes on from with gemini_pretrain --c ({} for a fresh start): the
+        checkpoint_latest.pth an interrupted run left in its folder, else, for --pretrain_length, the
+        longest finished pre-training with the same flags and fewer iterations (copied in). Adam's lr
+        is constant, so a continued run keeps an uninterrupted run's schedule (its loader draws differ
+        after the resume point). A checkpoint cut into other epochs, or past this length, is not used."""
+        from nnunet_gemini.checkpoints import KIND_PRETRAIN, load_our_checkpoint
+        from nnunet_gemini.pretrained import LATEST_CHECKPOINT
+        latest, per_epoch = checkpoint.with_name(LATEST_CHECKPOINT), self.budget["pretrain_iters"]
+        if latest.is_file():
+            try:
+                ckpt = load_our_checkpoint(str(latest), KIND_PRETRAIN)
+            except GeminiUserError:
+                return {}  # unreadable: gemini_pretrain starts again and overwrites it
+            done = int(ckpt["iteration"])
+            fits = done == int(ckpt["epoch"]) * per_epoch and done <= self.pretrain_iterations
+            return {"resumed_from_iteration": done} if fits else {}
+        if "pretrain_length" not in self.pretrain_ablation:
+            return {}
+        flags = {k: self.pretrain_ablation.get(k) for k in PRETRAIN_ABLATIONS - {"pretrain_length"}}
+        shorter = [(r["iterations"], key) for key, r in self.results["pretraining"].items()
+                   if r["deformation"] == deformation and r.get("dataset") == dataset_name
+                   and {k: r.get(k) for k in flags} == flags and r["iterations"] < self.pretrain_iterations
+                   and r["iterations"] % per_epoch == 0 and Path(r["checkpoint"]).is_file()]
+        if not shorter:
+            return {}
+        done, source = max(shorter)
+        latest.parent.mkdir(parents=True, exist_ok=True)
+        # a copy, not a link: the continued run rewrites checkpoint_latest.pth
+        shutil.copy2(self.results["pretraining"][source]["checkpoint"], latest)
+        return {"resumed_from_iteration": done, "continued_from": source}
 
     def _link_pretraining(self, results_root: str, cell: dict) -> None:
         """Make the cell's shared pre-training visible where its trainer looks for one: under
