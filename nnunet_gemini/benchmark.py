@@ -454,7 +454,8 @@ class Benchmark:
                 replaced["registration"] = self.results["registration"].pop(key)
             self.results.setdefault("pretraining_replaced", []).append(replaced)
         record = {"deformation": deformation, "dataset": dataset_name, "checkpoint": str(checkpoint),
-                  "iterations": iterations, "seconds": seconds, "device": self.device, "revision": self.revision,
+                  "iterations": iterations, "seconds": round(seconds + continued.get("resumed_seconds", 0.0), 1),
+                  "device": self.device, "revision": self.revision,
                   **self.pretrain_ablation, **({"attempt": attempt} if attempt else {}), **continued}
         self.results["pretraining"][key] = record
         self._save()
@@ -465,32 +466,37 @@ class Benchmark:
         checkpoint_latest.pth an interrupted run left in its folder, else, for --pretrain_length, the
         longest finished pre-training with the same flags and fewer iterations (copied in). Adam's lr
         is constant, so a continued run keeps an uninterrupted run's schedule (its loader draws differ
-        after the resume point). A checkpoint cut into other epochs, or past this length, is not used."""
+        after the resume point). A checkpoint cut into other epochs, or past this length, is not used.
+        resumed_seconds: the epoch times the checkpoint logged, so the record's seconds are those of
+        the whole pre-training however many calls it took."""
         from nnunet_gemini.checkpoints import KIND_PRETRAIN, load_our_checkpoint
         from nnunet_gemini.pretrained import LATEST_CHECKPOINT
         latest, per_epoch = checkpoint.with_name(LATEST_CHECKPOINT), self.budget["pretrain_iters"]
-        if latest.is_file():
-            try:
-                ckpt = load_our_checkpoint(str(latest), KIND_PRETRAIN)
-            except GeminiUserError:
-                return {}  # unreadable: gemini_pretrain starts again and overwrites it
-            done = int(ckpt["iteration"])
-            fits = done == int(ckpt["epoch"]) * per_epoch and done <= self.pretrain_iterations
-            return {"resumed_from_iteration": done} if fits else {}
-        if "pretrain_length" not in self.pretrain_ablation:
+        source = None
+        if not latest.is_file():
+            if "pretrain_length" not in self.pretrain_ablation:
+                return {}
+            flags = {k: self.pretrain_ablation.get(k) for k in PRETRAIN_ABLATIONS - {"pretrain_length"}}
+            shorter = [(r["iterations"], key) for key, r in self.results["pretraining"].items()
+                       if r["deformation"] == deformation and r.get("dataset") == dataset_name
+                       and {k: r.get(k) for k in flags} == flags and r["iterations"] < self.pretrain_iterations
+                       and Path(r["checkpoint"]).is_file()]
+            if not shorter:
+                return {}
+            source = max(shorter)[1]
+            latest.parent.mkdir(parents=True, exist_ok=True)
+            # a copy, not a link: the continued run rewrites checkpoint_latest.pth
+            shutil.copy2(self.results["pretraining"][source]["checkpoint"], latest)
+        try:
+            ckpt = load_our_checkpoint(str(latest), KIND_PRETRAIN)
+        except GeminiUserError:
+            return {}  # unreadable: gemini_pretrain starts again and overwrites it
+        done = int(ckpt["iteration"])
+        if done != int(ckpt["epoch"]) * per_epoch or done > self.pretrain_iterations:
             return {}
-        flags = {k: self.pretrain_ablation.get(k) for k in PRETRAIN_ABLATIONS - {"pretrain_length"}}
-        shorter = [(r["iterations"], key) for key, r in self.results["pretraining"].items()
-                   if r["deformation"] == deformation and r.get("dataset") == dataset_name
-                   and {k: r.get(k) for k in flags} == flags and r["iterations"] < self.pretrain_iterations
-                   and r["iterations"] % per_epoch == 0 and Path(r["checkpoint"]).is_file()]
-        if not shorter:
-            return {}
-        done, source = max(shorter)
-        latest.parent.mkdir(parents=True, exist_ok=True)
-        # a copy, not a link: the continued run rewrites checkpoint_latest.pth
-        shutil.copy2(self.results["pretraining"][source]["checkpoint"], latest)
-        return {"resumed_from_iteration": done, "continued_from": source}
+        times = ckpt.get("logging", {}).get("epochs", {}).get("epoch_time_s", [])
+        return {"resumed_from_iteration": done, "resumed_seconds": round(float(sum(times)), 1),
+                **({"continued_from": source} if source else {})}
 
     def _link_pretraining(self, results_root: str, cell: dict) -> None:
         """Make the cell's shared pre-training visible where its trainer looks for one: under

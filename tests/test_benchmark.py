@@ -429,20 +429,22 @@ def test_pretraining_length_ablation_runs_beside_the_budgets_pretraining(tmp_pat
     assert e.value.code != 0
 
 
-def _pretraining_checkpoint(path, epoch, iteration):
+def _pretraining_checkpoint(path, epoch, iteration, epoch_seconds=10.0):
     """A file gemini_pretrain's checkpoint reader accepts, with the progress the benchmark reads."""
     import torch
 
     from nnunet_gemini.checkpoints import KIND_PRETRAIN
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"gemini_kind": KIND_PRETRAIN, "epoch": epoch, "iteration": iteration}, str(path))
+    torch.save({"gemini_kind": KIND_PRETRAIN, "epoch": epoch, "iteration": iteration,
+                "logging": {"epochs": {"epoch_time_s": [epoch_seconds] * epoch}}}, str(path))
 
 
 def test_a_longer_pretraining_continues_the_longest_shorter_one_and_an_interrupted_one_resumes(tmp_path):
     """--pretrain_length E continues (gemini_pretrain --c) the longest finished pre-training with the
-    same flags and fewer iterations, from a copy of its checkpoint; the record says from where. A
-    pre-training whose folder holds an interrupted run's checkpoint_latest.pth resumes it, unless that
-    checkpoint is cut into other epochs or is past this length."""
+    same flags and fewer iterations, from a copy of its checkpoint; the record says from where and
+    counts the earlier epochs' seconds. A pre-training whose folder holds an interrupted run's
+    checkpoint_latest.pth resumes it, unless that checkpoint is cut into other epochs or is past
+    this length."""
     from nnunet_gemini.pretrained import LATEST_CHECKPOINT
     name = "Dataset901_GeminiStudyN1draw0"
     flags = {"pretrain_decorrelation": 10.0}
@@ -452,8 +454,10 @@ def test_a_longer_pretraining_continues_the_longest_shorter_one_and_an_interrupt
         b = _pretraining_benchmark(tmp_path, dict(ablation, **({"pretrain_length": length} if length else {})))
         b.results = results
         checkpoint = b._pretrain_checkpoint("diffeomorphic", name)
-        _fake_pretrain_runs(b, checkpoint, f"length {length}".encode(), 1.0)
+        _fake_pretrain_runs(b, checkpoint, b"x", 1.0)
         b.pretrain("diffeomorphic", name)
+        epochs = length or 1
+        _pretraining_checkpoint(checkpoint, epochs, 2 * epochs)
         sources[length] = checkpoint
     # the 5-epoch run (10 iterations) is the longest shorter one with the same flags: not 8 (other flags)
     bench = _pretraining_benchmark(tmp_path, dict(flags, pretrain_length=7))
@@ -463,10 +467,11 @@ def test_a_longer_pretraining_continues_the_longest_shorter_one_and_an_interrupt
     record = bench.pretrain("diffeomorphic", name)
     ((_, cmd),) = commands
     assert "--c" in cmd and cmd[cmd.index("-o") + 1] == str(checkpoint.parent)
-    assert (checkpoint.parent / LATEST_CHECKPOINT).read_bytes() == b"length 5"  # a copy of the source's
-    assert sources[5].read_bytes() == b"length 5" and not (checkpoint.parent / LATEST_CHECKPOINT).is_symlink()
+    latest = checkpoint.parent / LATEST_CHECKPOINT
+    assert latest.read_bytes() == sources[5].read_bytes() and not latest.is_symlink()  # a copy of the source
     assert record["iterations"] == 14 and record["resumed_from_iteration"] == 10
     assert record["continued_from"] == f"diffeomorphic:{name} (pre-training decorrelation 10, pre-training 5 epochs)"
+    assert record["resumed_seconds"] == 50.0 and record["seconds"] == 51.0  # 5 logged epochs + this call
     # an interrupted run: its folder's checkpoint_latest.pth (4 of 6 epochs) is resumed, not restarted
     for done, per_epoch, resumed in ((4, 2, True), (4, 3, False), (7, 2, False)):
         out = tmp_path / f"interrupted_{done}_{per_epoch}"
@@ -478,6 +483,7 @@ def test_a_longer_pretraining_continues_the_longest_shorter_one_and_an_interrupt
         ((_, cmd),) = commands
         assert ("--c" in cmd) == resumed and ("continued_from" not in record)
         assert record.get("resumed_from_iteration") == (done * per_epoch if resumed else None)
+        assert record["seconds"] == (41.0 if resumed else 1.0)
     # the budget's own pre-training never continues another (no --pretrain_length)
     bench = _pretraining_benchmark(tmp_path / "budget", flags)
     bench.results = {"pretraining": dict(results["pretraining"]), "registration": {}}
