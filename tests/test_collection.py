@@ -249,6 +249,7 @@ def test_a_lost_pretraining_reruns_only_for_runs_that_load_it(collection_study):
     (key,) = before["pretraining"]  # the ablation test's, which trained N = 2 from it
     checkpoint = Path(before["pretraining"][key]["checkpoint"])
     checkpoint.unlink()
+    checkpoint.with_name("checkpoint_latest.pth").unlink()  # lost with it (one left there is resumed)
     n2_only = list(call)
     n2_only[n2_only.index("--n") + 1:n2_only.index("--n") + 3] = ["2"]
     second = run_command(n2_only, env, timeout=600)
