@@ -12,7 +12,8 @@
 #     REFERENCE=2 benchmarks/gpu_real_study.sh                                      # dry run on the CPU
 #   RESUME=/path/to/earlier/results.json ...   # continue a study: its finished runs are skipped
 #   EXTRA="--methods nnUNetTrainerGEMINIFinetune nnUNetTrainerGEMINI --pretrain_decorrelation 10" ...  # an ablation
-#   EXTRA="--methods nnUNetTrainerGEMINI --pretrain_length 40" ...  # 4000 pre-training it beside the study's (~6 min on an H200)
+#   EXTRA="--methods nnUNetTrainerGEMINI --pretrain_length 40" ...  # 4000 pre-training it beside the study's (~6 min on an H200;
+#                                     it continues the study's 500 when that ran in this call: checkpoints do not come back)
 set -u
 T0=$(date +%s)
 OUT=${OUT:-/tmp/gpu_real_study_out}; mkdir -p "$OUT"
