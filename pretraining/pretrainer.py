@@ -363,6 +363,12 @@ class GeminiPretrainer:
         if meta["deformation"] != self.options.deformation:
             raise GeminiUserError(f"--c: {path} was trained with --deformation {meta['deformation']}, not "
                                   f"{self.options.deformation}: pass --deformation {meta['deformation']}.")
+        saved_iters = meta.get("options", {}).get("iters_per_epoch")
+        if saved_iters is not None and int(saved_iters) != self.options.iters_per_epoch:
+            # epochs are counted, not iterations: another epoch length would miscount the run's total
+            raise GeminiUserError(f"--c: {path} was trained with --iters_per_epoch {saved_iters}, not "
+                                  f"{self.options.iters_per_epoch}: pass --iters_per_epoch {saved_iters} (--epochs "
+                                  f"counts epochs of that length), or start a new run without --c (or another -o).")
         checkpointed = spec_from_checkpoint(meta, where=path)
         if checkpointed != self.model.gemini.spec():
             raise GeminiUserError(f"--c: {path} holds a deformer built as {checkpointed}, this version builds "

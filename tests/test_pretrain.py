@@ -117,18 +117,25 @@ def test_resume_continues_at_the_right_epoch_with_optimizer_state(demo, tmp_path
     shutil.copytree(demo["out"], out)
     os.remove(os.path.join(out, "checkpoint_final.pth"))
     before = _load(os.path.join(out, "checkpoint_latest.pth"))
-    run_command(CLI + ["-d", str(DEMO_ID), *TINY, "--epochs", "2", "--iters_per_epoch", "1", "--c", "-o", out],
-                demo["env"])
+    # another epoch length would miscount the run's iterations: refused, naming the flag, nothing written
+    refused = subprocess.run(CLI + ["-d", str(DEMO_ID), *TINY, "--epochs", "2", "--iters_per_epoch", "1", "--c",
+                                    "-o", out], env=demo["env"], capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0
+    assert ("was trained with --iters_per_epoch 2, not 1: pass --iters_per_epoch 2" in refused.stderr
+            + refused.stdout), refused.stderr[-3000:]
+    assert not os.path.exists(os.path.join(out, "checkpoint_final.pth"))
+    assert _load(os.path.join(out, "checkpoint_latest.pth"))["iteration"] == before["iteration"]
+    run_command(CLI + ["-d", str(DEMO_ID), *TINY, "--epochs", "2", "--c", "-o", out], demo["env"])
     newest = max(glob.glob(os.path.join(out, "training_log_*.txt")), key=os.path.getmtime)
     text = open(newest).read()
     assert "Resumed from" in text and "1 epoch(s), 2 iteration(s) done" in text
     assert "checkpoint_latest.pth" in text.split("Resumed from", 1)[1].splitlines()[0]
     assert "Epoch 1" in text and "Epoch 0" not in text
     final = _load(os.path.join(out, "checkpoint_final.pth"))
-    assert final["epoch"] == 2 and final["iteration"] == 3
-    # Adam's step counters continue (3 = 2 restored + 1 new; a fresh optimizer would say 1)
+    assert final["epoch"] == 2 and final["iteration"] == 4
+    # Adam's step counters continue (4 = 2 restored + 2 new; a fresh optimizer would say 2)
     steps = {float(s["step"]) for s in final["optimizer_state"]["state"].values()}
-    assert steps == {3.0}
+    assert steps == {4.0}
     assert {float(s["step"]) for s in before["optimizer_state"]["state"].values()} == {2.0}
     assert len(final["logging"]["epochs"]["loss"]) == 2  # the curves continue too
 
