@@ -69,6 +69,9 @@ from nnunet_gemini.registration import warp
 
 from .progress import PretrainLogger, is_interactive, save_pair_figure, save_restoration_figure
 
+# flags whose change on --c alters the training recipe mid-run (resume warns, naming each)
+RECIPE_FLAGS = ("lr", "batch_size", "restoration_mode", "restoration_weight", "decorrelation", "encoder_decorrelation")
+
 
 @dataclass
 class PretrainOptions:
@@ -363,7 +366,8 @@ class GeminiPretrainer:
         if meta["deformation"] != self.options.deformation:
             raise GeminiUserError(f"--c: {path} was trained with --deformation {meta['deformation']}, not "
                                   f"{self.options.deformation}: pass --deformation {meta['deformation']}.")
-        saved_iters = meta.get("options", {}).get("iters_per_epoch")
+        saved = meta.get("options", {})
+        saved_iters = saved.get("iters_per_epoch")
         if saved_iters is not None and int(saved_iters) != self.options.iters_per_epoch:
             # epochs are counted, not iterations: another epoch length would miscount the run's total
             raise GeminiUserError(f"--c: {path} was trained with --iters_per_epoch {saved_iters}, not "
@@ -378,6 +382,11 @@ class GeminiPretrainer:
         if had_restoration != self.options.restoration:
             raise GeminiUserError(f"--c: {path} was trained {'with' if had_restoration else 'without'} restoration; "
                                   f"{'drop' if had_restoration else 'add'} --no_restoration to resume it.")
+        changed = [f"--{k} {saved[k]} -> {getattr(self.options, k)}" for k in RECIPE_FLAGS
+                   if k in saved and saved[k] != getattr(self.options, k)]
+        if changed and self.is_main:  # allowed (a lower lr, say), but never silently
+            warn_user(f"--c: this call changes the recipe {path} was trained with: {', '.join(changed)}; the rest "
+                      f"of the run trains with this call's values. Pass the checkpoint's values to keep its recipe.")
         self.model.network.load_state_dict(ckpt["network_weights"])
         self.model.gemini.deformer.load_state_dict(ckpt["deformer_weights"])
         if self.model.restoration_head is not None:

@@ -125,7 +125,11 @@ def test_resume_continues_at_the_right_epoch_with_optimizer_state(demo, tmp_path
             + refused.stdout), refused.stderr[-3000:]
     assert not os.path.exists(os.path.join(out, "checkpoint_final.pth"))
     assert _load(os.path.join(out, "checkpoint_latest.pth"))["iteration"] == before["iteration"]
-    run_command(CLI + ["-d", str(DEMO_ID), *TINY, "--epochs", "2", "--c", "-o", out], demo["env"])
+    resumed = run_command(CLI + ["-d", str(DEMO_ID), *TINY, "--epochs", "2", "--decorrelation", "0.5", "--c",
+                                 "-o", out], demo["env"])
+    # a changed recipe flag is allowed but named; an unchanged one is not
+    assert "WARNING: --c: this call changes the recipe" in resumed.stderr, resumed.stderr[-3000:]
+    assert "--decorrelation 0.0 -> 0.5" in resumed.stderr and "--lr" not in resumed.stderr
     newest = max(glob.glob(os.path.join(out, "training_log_*.txt")), key=os.path.getmtime)
     text = open(newest).read()
     assert "Resumed from" in text and "1 epoch(s), 2 iteration(s) done" in text

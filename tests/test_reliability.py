@@ -482,6 +482,8 @@ RELIABILITY_TABLE = [
         _here(_E, "--c on a file that is not our checkpoint")),
     Row("gemini_pretrain --c with another --iters_per_epoch than the checkpoint's", "ERROR",
         "test_pretrain.py::test_resume_continues_at_the_right_epoch_with_optimizer_state"),
+    Row("gemini_pretrain --c with other recipe flags (lr, loss weights, batch size) than the checkpoint's", "WARN",
+        "test_pretrain.py::test_resume_continues_at_the_right_epoch_with_optimizer_state"),
     Row("unwritable results folder (gemini_pretrain -o)", "ERROR", _here(_E, "unwritable results folder")),
     Row("too little free disk for one checkpoint (gemini_pretrain)", "ERROR",
         _here("test_too_little_free_disk_is_an_error_before_training")),
