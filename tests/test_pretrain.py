@@ -120,7 +120,7 @@ def test_resume_continues_at_the_right_epoch_with_optimizer_state(demo, tmp_path
     # another epoch length would miscount the run's iterations: refused, naming the flag, nothing written
     refused = subprocess.run(CLI + ["-d", str(DEMO_ID), *TINY, "--epochs", "2", "--iters_per_epoch", "1", "--c",
                                     "-o", out], env=demo["env"], capture_output=True, text=True, timeout=600)
-    assert refused.returncode != 0
+    assert refused.returncode == 2  # a user error, as every ERROR of docs/reliability.md
     assert ("was trained with --iters_per_epoch 2, not 1: pass --iters_per_epoch 2" in refused.stderr
             + refused.stdout), refused.stderr[-3000:]
     assert not os.path.exists(os.path.join(out, "checkpoint_final.pth"))
