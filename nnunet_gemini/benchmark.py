@@ -165,12 +165,19 @@ def pretrain_folder(deformation: str, dataset_name: str, collection_mode: bool, 
     return os.path.join(out, pretrain_stage(deformation, dataset_name, collection_mode, pretrain_ablation))
 
 
-def results_root_name(reference: bool, ablation: dict) -> str:
+def results_root_name(reference: bool, ablation: dict, iterations: Optional[int] = None) -> str:
     """The nnUNet_results folder of a run, named as under OUT (a plain run's is the study's own,
     which lies under OUT in collection mode): a reference or ablation run must not replace the
-    budget run of its fold."""
-    return ("nnUNet_results_reference" if reference else
+    budget run of its fold, nor a run of another length (iterations given: "..._1250it") one of this."""
+    root = ("nnUNet_results_reference" if reference else
             f"nnUNet_results_ablation{ablation_suffix(ablation)}" if ablation else "nnUNet_results")
+    return f"{root}_{iterations}it" if iterations else root
+
+
+def run_results_root(run: dict) -> str:
+    """The results root a recorded run trained in (recorded since runs of several lengths share a
+    study; before that, every run's was its method's)."""
+    return run.get("results_root") or results_root_name(run["reference"], {k: run[k] for k in ABLATIONS if k in run})
 
 
 def run_folder(results_dir, dataset: str, trainer: str, fold) -> Path:
@@ -202,8 +209,11 @@ def finished_outputs(results: dict) -> tuple:
         tag = run_tag(run["method"], ablation, run["n"], run["draw"], run["iterations"])
         logs |= {f"train_{tag}.log", f"predict_{tag}.log"} | ({f"predict_{tag}_selection.log"} if "selection" in run
                                                                else set())
-        folder = run_folder(results_root_name(run["reference"], ablation), run["dataset"], run["trainer"], run["fold"])
-        folders[str(folder)] = set(run["training_logs"]) if "training_logs" in run else None
+        folder = str(run_folder(run_results_root(run), run["dataset"], run["trainer"], run["fold"]))
+        own = set(run["training_logs"]) if "training_logs" in run else None
+        # two recorded runs in one folder (an older study's runs of two lengths): the logs of both
+        seen = folders.get(folder, set())
+        folders[folder] = None if own is None or seen is None else seen | own
     for _, record in pretraining_attempts(results):
         ablation = {k: record[k] for k in ABLATIONS if k in PRETRAIN_ABLATIONS and k in record}
         stage = pretrain_stage(record["deformation"], record["dataset"], collection_mode, ablation)
@@ -552,8 +562,9 @@ class Benchmark:
         cell = self.cells[(n, draw)]
         trainer = TRAINER_OF.get(method, method)
         tag = run_tag(method, ablation, n, draw, iterations)
-        results_dir = (str(self.out / results_root_name(reference, ablation)) if reference or ablation else
-                       self.folders["nnUNet_results"])
+        results_root = self._results_root(trainer, ablation, reference, cell, iterations)
+        results_dir = (self.folders["nnUNet_results"] if results_root == "nnUNet_results" else
+                       str(self.out / results_root))
         pretraining_key = self._pretraining_key(self.deformation, cell["pretrain_dataset"])
         if method in USES_PRETRAINING:
             self._link_pretraining(results_dir, cell)
@@ -573,7 +584,7 @@ class Benchmark:
         scores, predict_s = self._predict_and_score(tag, cell, trainer, results_dir, "imagesTs", "labelsTs")
         run = {"method": method, "label": label, **ablation, "trainer": trainer, "n": n, "draw": draw,
                "dataset": cell["dataset_name"], "fold": cell["fold"], "reference": reference,
-               "train_cases": cell["train"], "iterations": iterations, "epochs": epochs,
+               "train_cases": cell["train"], "results_root": results_root, "iterations": iterations, "epochs": epochs,
                "iters_per_epoch": self.budget["train_iters"], **scores, "training_logs": training_logs,
                "train_seconds": train_s, "predict_seconds": predict_s, "pretrain_share_seconds": 0.0,
                "wall_seconds": round(train_s + predict_s, 1), "device": self.device, "revision": self.revision,
@@ -593,6 +604,16 @@ class Benchmark:
             self._save()
         print(f"[gemini_benchmark] {label} N={n} draw={draw}: mean Dice {run['dice_mean']:.4f}", flush=True)
         return run
+
+    def _results_root(self, trainer: str, ablation: dict, reference: bool, cell: dict, iterations: int) -> str:
+        """The run's method's results root, or one of its own length when a finished run of another
+        length trained in that folder (a longer budget on the same -o would overwrite its model)."""
+        root = results_root_name(reference, ablation)
+        folder = run_folder(root, cell["dataset_name"], trainer, cell["fold"])
+        if any(run_folder(run_results_root(r), r["dataset"], r["trainer"], r["fold"]) == folder
+               and r["iterations"] != iterations for r in self.results["runs"]):
+            return results_root_name(reference, ablation, iterations)
+        return root
 
     def ablation_of(self, method: str):
         """({flag: value} of this call's ablation flags that apply to `method`, the label it runs under)."""

@@ -145,6 +145,31 @@ def test_ablation_is_a_row_of_its_own_and_keeps_the_main_runs(tiny_study):
     assert rows[:3] == ["nnUNetTrainer", "nnUNetTrainerGEMINI_NoPretrain", label]  # the ablation after its method
 
 
+def test_a_run_of_another_length_keeps_the_finished_runs_model(tiny_study):
+    """A call with a longer budget on the same -o trains nnUNetTrainer again (its key holds the
+    iterations) in a results root of its own: the 1-iteration run's checkpoint stays as it was."""
+    from nnunet_gemini.benchmark import finished_outputs, run_folder
+    out, env = tiny_study["out"], tiny_study["env"]
+    before = json.loads((out / "results.json").read_text())["runs"]
+    first = next(r for r in before if r["method"] == "nnUNetTrainer" and r["iterations"] == 1)
+    checkpoint = run_folder(env["nnUNet_results"], first["dataset"], first["trainer"], first["fold"]) / \
+        "checkpoint_final.pth"
+    stamp = checkpoint.stat().st_mtime_ns, checkpoint.read_bytes()
+    cmd = [a for a in tiny_study["cmd"] if a != "nnUNetTrainerGEMINI_NoPretrain"]
+    cmd[cmd.index("--train_iters") + 1] = "2"
+    run_command(cmd, env, timeout=900)
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    (new,) = runs[len(before):]
+    assert (new["method"], new["iterations"], new["results_root"]) == ("nnUNetTrainer", 2, "nnUNet_results_2it")
+    assert (run_folder(out / "nnUNet_results_2it", new["dataset"], new["trainer"], new["fold"]) /
+            "checkpoint_final.pth").is_file()
+    assert (checkpoint.stat().st_mtime_ns, checkpoint.read_bytes()) == stamp
+    # a study recorded before runs named their root: two runs in one folder publish the logs of both
+    old = [dict(first, results_root=None), dict(new, results_root=None)]
+    _, folders = finished_outputs({"runs": old})
+    assert list(folders.values()) == [set(first["training_logs"]) | set(new["training_logs"])]
+
+
 def test_publish_copies_the_logs_and_plots_of_finished_runs_only(tiny_study, tmp_path):
     """benchmarks/publish_study.sh: results, the logs of finished runs (names rebuilt from results.json
     match the files the runs wrote), the preparing stages' logs, and the finished runs' training logs
