@@ -765,14 +765,19 @@ class Benchmark:
 
     def report_labels(self, methods) -> List[str]:
         """This call's rows and every other row of the same budget already in results.json (earlier
-        ablation calls), so the table grows with each call; in METHODS order, each ablation after its method."""
-        labels = {self.ablation_of(m)[1] for m in methods}
-        iterations = budget_iterations(self.budget)
-        labels |= {_label(r) for r in self.results["runs"] if r["iterations"] == iterations and not r.get("reference")}
-        def base(label):
-            return label.split(" (")[0]
-        return sorted(labels, key=lambda x: (METHODS.index(base(x)) if base(x) in METHODS else len(METHODS),
-                                             x != base(x), x))
+        ablation calls), so the table grows with each call."""
+        return labels_at(self.results, budget_iterations(self.budget), {self.ablation_of(m)[1] for m in methods})
+
+
+def labels_at(results: dict, iterations: int, extra=()) -> List[str]:
+    """The rows of one budget's table: `extra` and every label with a run of `iterations` in
+    results.json (reference runs apart); in METHODS order, each ablation after its method."""
+    labels = set(extra) | {_label(r) for r in results["runs"] if r["iterations"] == iterations
+                           and not r.get("reference")}
+    def base(label):
+        return label.split(" (")[0]
+    return sorted(labels, key=lambda x: (METHODS.index(base(x)) if base(x) in METHODS else len(METHODS),
+                                         x != base(x), x))
 
 
 def share_pretraining(results: dict) -> None:
@@ -818,18 +823,54 @@ def summarise(results: dict, methods, ns, iterations: int) -> Dict[str, Dict[int
 
 
 def write_reports(results: dict, out: Path, methods, ns, iterations: int) -> None:
-    table = summarise(results, methods, ns, iterations)
-    refs = [r for r in results["runs"] if r.get("reference") and r["n"] in ns]
+    """results.md and results.png: the table of the budget with the most runs first (a study's own;
+    this call's rows and N, given by methods, ns and iterations, included), then one section per
+    other budget in results.json (a longer-budget call on the same -o), then the registration records."""
+    sections = {iterations: (methods, ns)}
+    for k in {r["iterations"] for r in results["runs"] if not r.get("reference")} - {iterations}:
+        sections[k] = labels_at(results, k), sorted({r["n"] for r in results["runs"] if r["iterations"] == k})
+    order = sorted(sections, key=lambda k: (-sum(r["iterations"] == k and not r.get("reference")
+                                                 for r in results["runs"]), k))
+    main_methods, main_ns = sections[order[0]]
+    refs = [r for r in results["runs"] if r.get("reference") and r["n"] in main_ns]
+    b = results["budget_iterations"]
     lines = [f"# gemini_benchmark: {results.get('dataset')}", "",
-             f"Budget `{results.get('budget')}`: {iterations} supervised iterations per run "
-             f"({results['budget_iterations']['train_epochs']} epochs x "
-             f"{results['budget_iterations']['train_iters']}), "
-             f"pre-training {results['budget_iterations']['pretrain_epochs']} x "
-             f"{results['budget_iterations']['pretrain_iters']} iterations; device {results.get('device')} "
+             f"Last call: budget `{results.get('budget')}` ({b['train_epochs']} epochs x {b['train_iters']} "
+             f"supervised iterations), pre-training {b['pretrain_epochs']} x {b['pretrain_iters']} iterations; "
+             f"device {results.get('device')} "
              f"({results.get('machine', {}).get('gpu') or results.get('machine', {}).get('processor')}, "
              f"{results.get('machine', {}).get('cpu_count')} CPUs).",
-             f"Command: `{' '.join(results.get('command', []))}`", "",
-             "Mean foreground test Dice (imagesTs vs labelsTs), mean ± std over draws (number of runs):", "",
+             f"Command: `{' '.join(results.get('command', []))}`", ""]
+    for i, k in enumerate(order):
+        lines += ([f"## {k} supervised iterations per run", ""] if i else []) + \
+            _budget_lines(results, *sections[k], k, refs if not i else [  # a longer budget: stock nnU-Net of its length
+                r for r in results["runs"] if r.get("reference") and r["iterations"] == k and r["n"] in sections[k][1]])
+    reg = dict(results.get("registration", {}))
+    for r in results.get("pretraining_replaced", []):  # a deformer a rerun replaced keeps its row
+        if "registration" in r:
+            reg[f"{r['key']} (attempt {r.get('attempt', 0)}, replaced)"] = r["registration"]
+    if reg:
+        what = next((r["pairs_of"] for r in reg.values() if "pairs_of" in r), "ordered test pairs")
+        lines += ["", f"Registration of {what} with the pre-trained deformer (gemini_register): warped-label "
+                  "mean foreground Dice and fraction of voxels with Jacobian determinant <= 0:", "",
+                  "| model | pairs | warped-label Dice | folding fraction (mean / max) |", "|---|---|---|---|"]
+        for name in sorted(reg, key=lambda k: (k != "unregistered", k != ZERO_FIELD, k)):
+            r = reg[name]
+            folding = (f"{r['folding_fraction_mean']:.5f} / {r['folding_fraction_max']:.5f}"
+                       if "folding_fraction_mean" in r else "–")
+            label = name if name in ("unregistered", ZERO_FIELD) else \
+                f"{name} ({r['pretrain_iterations']} pre-train it)"
+            lines.append(f"| {label} | {r['pairs']} | {r['dice_mean']:.3f} ± {r['dice_std']:.3f} | {folding} |")
+    (out / RESULTS_MD).write_text("\n".join(lines) + "\n")
+    _plot(summarise(results, main_methods, main_ns, order[0]), refs, main_ns, out / RESULTS_PNG, results)
+
+
+def _budget_lines(results: dict, methods, ns, iterations: int, refs: List[dict]) -> List[str]:
+    """One budget's tables: test Dice (with the reference runs given), per structure, per-draw
+    differences and the selection set."""
+    table = summarise(results, methods, ns, iterations)
+    lines = [f"Mean foreground test Dice (imagesTs vs labelsTs) after {iterations} supervised iterations, "
+             "mean ± std over draws (number of runs):", "",
              "| method | " + " | ".join(f"N = {n}" for n in ns) + " | mean wall time / run (s) |",
              "|---|" + "---|" * len(ns) + "---|"]
     for m in methods:
@@ -850,26 +891,8 @@ def write_reports(results: dict, out: Path, methods, ns, iterations: int) -> Non
                 if runs:
                     lines.append(f"| {m} | {n} | " + " | ".join(
                         f"{np.nanmean([r['dice_per_structure'][s] for r in runs]):.3f}" for s in structures) + " |")
-    lines += _difference_lines(results, methods, ns, iterations)
-    lines += _selection_lines(results, methods, ns, iterations)
-    reg = dict(results.get("registration", {}))
-    for r in results.get("pretraining_replaced", []):  # a deformer a rerun replaced keeps its row
-        if "registration" in r:
-            reg[f"{r['key']} (attempt {r.get('attempt', 0)}, replaced)"] = r["registration"]
-    if reg:
-        what = next((r["pairs_of"] for r in reg.values() if "pairs_of" in r), "ordered test pairs")
-        lines += ["", f"Registration of {what} with the pre-trained deformer (gemini_register): warped-label "
-                  "mean foreground Dice and fraction of voxels with Jacobian determinant <= 0:", "",
-                  "| model | pairs | warped-label Dice | folding fraction (mean / max) |", "|---|---|---|---|"]
-        for name in sorted(reg, key=lambda k: (k != "unregistered", k != ZERO_FIELD, k)):
-            r = reg[name]
-            folding = (f"{r['folding_fraction_mean']:.5f} / {r['folding_fraction_max']:.5f}"
-                       if "folding_fraction_mean" in r else "–")
-            label = name if name in ("unregistered", ZERO_FIELD) else \
-                f"{name} ({r['pretrain_iterations']} pre-train it)"
-            lines.append(f"| {label} | {r['pairs']} | {r['dice_mean']:.3f} ± {r['dice_std']:.3f} | {folding} |")
-    (out / RESULTS_MD).write_text("\n".join(lines) + "\n")
-    _plot(table, refs, ns, out / RESULTS_PNG, results)
+    return lines + _difference_lines(results, methods, ns, iterations) + \
+        _selection_lines(results, methods, ns, iterations)
 
 
 def _difference_lines(results: dict, methods, ns, iterations: int) -> List[str]:

@@ -86,7 +86,8 @@ def test_reports_aggregate_over_draws(tmp_path):
                "budget_iterations": {"train_epochs": 4, "train_iters": 25, "pretrain_epochs": 1, "pretrain_iters": 1},
                "runs": [run("nnUNetTrainer", 1, 0, 0.5), run("nnUNetTrainer", 1, 1, 0.7),
                         run("nnUNetTrainerGEMINI", 1, 0, 0.8), run("nnUNetTrainer", 1, 0, 0.1, iterations=50),
-                        run("nnUNetTrainer", 1, 0, 0.9, iterations=1000, reference=True)],
+                        run("nnUNetTrainer", 1, 0, 0.9, iterations=1000, reference=True),
+                        run("nnUNetTrainerGEMINI", 2, 0, 0.95, iterations=1000)],
                "registration": {"unregistered": {"pairs": 2, "dice_mean": 0.4, "dice_std": 0.1},
                                 "zero field (same pipeline)": {"pairs": 2, "dice_mean": 0.6, "dice_std": 0.02},
                                 "diffeomorphic": {"pairs": 2, "dice_mean": 0.7, "dice_std": 0.05,
@@ -101,6 +102,15 @@ def test_reports_aggregate_over_draws(tmp_path):
     registration = [line.split(" |")[0] for line in lines if line.startswith(("| unregistered", "| zero", "| diffeo"))]
     assert registration == ["| unregistered", "| zero field (same pipeline)", "| diffeomorphic (1 pre-train it)"]
     assert (tmp_path / "results.png").is_file()
+    # the budget with the most runs leads; each other one (a call with a longer budget on the same -o)
+    # has a section of its own, a longer one with the stock reference of its length
+    sections = [i for i, line in enumerate(lines) if line.startswith("## ")]
+    assert [lines[i] for i in sections] == [f"## {k} supervised iterations per run" for k in (50, 1000)]
+    assert lines.index("| nnUNetTrainer | 0.600 ± 0.100 (2) | – | 10 |") < sections[0]
+    assert lines.index("| nnUNetTrainer | 0.100 ± 0.000 (1) | 10 |") in range(sections[0], sections[1])
+    rows_1000 = lines[sections[1]:]
+    assert "| nnUNetTrainerGEMINI | – | 0.950 ± 0.000 (1) | 10 |" in rows_1000
+    assert any(line.startswith("| nnUNetTrainer, reference 1000 it") for line in rows_1000)
 
 
 def test_pretraining_wall_time_is_shared_by_every_run_that_loads_it():
