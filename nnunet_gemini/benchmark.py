@@ -760,13 +760,17 @@ class Benchmark:
 
     def report_ns(self, ns) -> List[int]:
         """This call's N and every N of the same budget already in results.json (earlier calls)."""
-        iterations = budget_iterations(self.budget)
-        return sorted(set(ns) | {r["n"] for r in self.results["runs"] if r["iterations"] == iterations})
+        return ns_at(self.results, budget_iterations(self.budget), ns)
 
     def report_labels(self, methods) -> List[str]:
         """This call's rows and every other row of the same budget already in results.json (earlier
         ablation calls), so the table grows with each call."""
         return labels_at(self.results, budget_iterations(self.budget), {self.ablation_of(m)[1] for m in methods})
+
+
+def ns_at(results: dict, iterations: int, extra=()) -> List[int]:
+    """The N columns of one budget's table: `extra` and every N with a run of `iterations`."""
+    return sorted(set(extra) | {r["n"] for r in results["runs"] if r["iterations"] == iterations})
 
 
 def labels_at(results: dict, iterations: int, extra=()) -> List[str]:
@@ -828,11 +832,14 @@ def write_reports(results: dict, out: Path, methods, ns, iterations: int) -> Non
     other budget in results.json (a longer-budget call on the same -o), then the registration records."""
     sections = {iterations: (methods, ns)}
     for k in {r["iterations"] for r in results["runs"] if not r.get("reference")} - {iterations}:
-        sections[k] = labels_at(results, k), sorted({r["n"] for r in results["runs"] if r["iterations"] == k})
+        sections[k] = labels_at(results, k), ns_at(results, k)
     order = sorted(sections, key=lambda k: (-sum(r["iterations"] == k and not r.get("reference")
                                                  for r in results["runs"]), k))
     main_methods, main_ns = sections[order[0]]
-    refs = [r for r in results["runs"] if r.get("reference") and r["n"] in main_ns]
+    def refs_of(i, k):  # the study's table lists every reference run; a longer budget's, those of its length
+        return [r for r in results["runs"] if r.get("reference") and r["n"] in sections[k][1]
+                and (i == 0 or r["iterations"] == k)]
+    refs = refs_of(0, order[0])
     b = results["budget_iterations"]
     lines = [f"# gemini_benchmark: {results.get('dataset')}", "",
              f"Last call: budget `{results.get('budget')}` ({b['train_epochs']} epochs x {b['train_iters']} "
@@ -843,8 +850,7 @@ def write_reports(results: dict, out: Path, methods, ns, iterations: int) -> Non
              f"Command: `{' '.join(results.get('command', []))}`", ""]
     for i, k in enumerate(order):
         lines += ([f"## {k} supervised iterations per run", ""] if i else []) + \
-            _budget_lines(results, *sections[k], k, refs if not i else [  # a longer budget: stock nnU-Net of its length
-                r for r in results["runs"] if r.get("reference") and r["iterations"] == k and r["n"] in sections[k][1]])
+            _budget_lines(results, *sections[k], k, refs_of(i, k))
     reg = dict(results.get("registration", {}))
     for r in results.get("pretraining_replaced", []):  # a deformer a rerun replaced keeps its row
         if "registration" in r:
