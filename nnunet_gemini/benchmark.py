@@ -176,10 +176,16 @@ def results_root_name(reference: bool, ablation: dict, iterations: Optional[int]
     return f"{root}_{iterations}it" if iterations else root
 
 
+def recorded_ablation(record: dict, flags=ABLATIONS) -> dict:
+    """The ablation flags (of `flags`) a recorded run or pre-training ran with, in ABLATIONS' order
+    (the order of the names and folders they build)."""
+    return {k: record[k] for k in ABLATIONS if k in flags and k in record}
+
+
 def run_results_root(run: dict) -> str:
     """The results root a recorded run trained in (recorded since runs of several lengths share a
     study; before that, every run's was its method's)."""
-    return run.get("results_root") or results_root_name(run["reference"], {k: run[k] for k in ABLATIONS if k in run})
+    return run.get("results_root") or results_root_name(run["reference"], recorded_ablation(run))
 
 
 def run_folder(results_dir, dataset: str, trainer: str, fold) -> Path:
@@ -207,8 +213,7 @@ def finished_outputs(results: dict) -> tuple:
     collection_mode = "collection" in results
     logs, folders = set(), {}
     for run in results["runs"]:
-        ablation = {k: run[k] for k in ABLATIONS if k in run}
-        tag = run_tag(run["method"], ablation, run["n"], run["draw"], run["iterations"])
+        tag = run_tag(run["method"], recorded_ablation(run), run["n"], run["draw"], run["iterations"])
         logs |= {f"train_{tag}.log", f"predict_{tag}.log"} | ({f"predict_{tag}_selection.log"} if "selection" in run
                                                                else set())
         folder = str(run_folder(run_results_root(run), run["dataset"], run["trainer"], run["fold"]))
@@ -217,7 +222,7 @@ def finished_outputs(results: dict) -> tuple:
         seen = folders.get(folder, set())
         folders[folder] = None if own is None or seen is None else seen | own
     for _, record in pretraining_attempts(results):
-        ablation = {k: record[k] for k in ABLATIONS if k in PRETRAIN_ABLATIONS and k in record}
+        ablation = recorded_ablation(record, PRETRAIN_ABLATIONS)
         stage = pretrain_stage(record["deformation"], record["dataset"], collection_mode, ablation)
         logs.add(f"{stage}{attempt_suffix(record.get('attempt', 0))}.log")
         folders[pretrain_folder(record["deformation"], record["dataset"], collection_mode, ablation,
