@@ -86,13 +86,15 @@ ABLATIONS = {
                                     "gemini_pretrain's weight W of the restoration MSE", "100, as released"),
     "pretrain_lr": ("--lr", "pre-training lr {:g}", USES_PRETRAINING,
                     "gemini_pretrain's constant Adam learning rate (network and deformer)", "1e-4, as released"),
+    "pretrain_deformer_lr": ("--deformer_lr", "pre-training deformer lr {:g}", USES_PRETRAINING,
+                             "gemini_pretrain's Adam learning rate of the deformer alone", "the pre-training's lr"),
     # a longer (or shorter) pre-training beside the budget's, which keeps its own checkpoint
     "pretrain_length": ("--epochs", "pre-training {:g} epochs", USES_PRETRAINING,
                         "gemini_pretrain's number of epochs E (of --pretrain_iters iterations each)",
                         "the budget's --pretrain_epochs"),
 }
 PRETRAIN_ABLATIONS = {"pretrain_decorrelation", "pretrain_encoder_decorrelation", "pretrain_restoration_weight",
-                      "pretrain_lr", "pretrain_length"}
+                      "pretrain_lr", "pretrain_deformer_lr", "pretrain_length"}
 INTEGER_ABLATIONS = {"pretrain_length"}
 CHOICE_ABLATIONS = {"gemini_pair_positions": PAIR_POSITIONS, "gemini_deformation": DEFORMATIONS,
                     "gemini_transfer": TRANSFERS}  # the others: numbers
@@ -1052,7 +1054,8 @@ def _main(argv=None) -> int:
     for flag in ("gemini_rampup", "gemini_warmup"):
         if getattr(a, flag) is not None and not 0 <= getattr(a, flag) <= 1:
             raise GeminiUserError(f"--{flag} must be a share of the run between 0 and 1")
-    for flag in ("gemini_deformer_lr", "gemini_lr", "pretrain_restoration_weight", "pretrain_lr"):
+    for flag in ("gemini_deformer_lr", "gemini_lr", "pretrain_restoration_weight", "pretrain_lr",
+                 "pretrain_deformer_lr"):
         if getattr(a, flag) is not None and not (finite(getattr(a, flag)) and getattr(a, flag) > 0):
             raise GeminiUserError(f"--{flag} must be a finite number > 0")
     if a.collection is not None and a.d is not None:

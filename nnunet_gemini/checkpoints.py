@@ -179,3 +179,25 @@ def optimizer_state_prefix(state: Dict[str, Any], n: int) -> Dict[str, Any]:
     group = state["param_groups"][0]
     kept = list(group["params"][:n])
     return {"state": {k: v for k, v in state["state"].items() if k in kept}, "param_groups": [dict(group, params=kept)]}
+
+
+def optimizer_state_regrouped(state: Dict[str, Any], groups: List[List[int]]) -> Dict[str, Any]:
+    """A one-group optimizer state_dict split into param groups: groups[g] lists the positions (in the
+    saved group) of group g's parameters, in order. What the same optimiser built with those groups
+    would have saved (torch numbers parameters over all groups, in group order)."""
+    if len(state["param_groups"]) != 1 or sorted(i for g in groups for i in g) != list(
+            range(optimizer_state_params(state))):
+        raise ValueError(f"expected one param group whose parameters the groups cover once, got "
+                         f"{[len(g['params']) for g in state['param_groups']]} for groups of "
+                         f"{[len(g) for g in groups]}")
+    group = state["param_groups"][0]
+    saved_ids, new_state, new_groups, k = group["params"], {}, [], 0
+    for positions in groups:
+        ids = list(range(k, k + len(positions)))
+        for new_id, position in zip(ids, positions):
+            if saved_ids[position] in state["state"]:
+                new_state[new_id] = state["state"][saved_ids[position]]
+        new_groups.append(dict(group, params=ids))
+        k += len(positions)
+    return {"state": new_state, "param_groups": new_groups}
+

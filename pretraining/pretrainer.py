@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nnunet_gemini import checkpoints, cpu_allocator, datasets, unlabeled
+from nnunet_gemini.checkpoints import optimizer_state_regrouped
 from nnunet_gemini.choices import PRETRAIN_DEFAULTS, RESTORATION_MODES
 from nnunet_gemini.degradation import models_genesis_damage
 from nnunet_gemini.devices import default_device, resolve_device
@@ -70,7 +71,8 @@ from nnunet_gemini.registration import warp
 from .progress import PretrainLogger, is_interactive, save_pair_figure, save_restoration_figure
 
 # flags whose change on --c alters the training recipe mid-run (resume warns, naming each)
-RECIPE_FLAGS = ("lr", "batch_size", "restoration_mode", "restoration_weight", "decorrelation", "encoder_decorrelation")
+RECIPE_FLAGS = ("lr", "deformer_lr", "batch_size", "restoration_mode", "restoration_weight", "decorrelation",
+                "encoder_decorrelation")
 
 
 @dataclass
@@ -87,6 +89,7 @@ class PretrainOptions:
     iters_per_epoch: int = PRETRAIN_DEFAULTS["iters_per_epoch"]
     batch_size: Optional[int] = None  # pairs per iteration over all ranks; None: plans' batch // 2
     lr: float = PRETRAIN_DEFAULTS["lr"]
+    deformer_lr: Optional[float] = None  # the deformer's Adam lr; None: lr (one optimiser, as released)
     deformation: str = PRETRAIN_DEFAULTS["deformation"]
     unlabeled_dirs: List[str] = field(default_factory=list)
     include_test_images: bool = False
@@ -232,6 +235,11 @@ class GeminiPretrainer:
         return checkpoints.network_compatibility_fields(self.plans_manager, self.configuration_manager,
                                                         self.num_input_channels)
 
+    def group_lrs(self) -> List[float]:
+        """Adam lr of the network (+ restoration head) group and of the deformer group."""
+        o = self.options
+        return [o.lr, o.lr if o.deformer_lr is None else o.deformer_lr]
+
     def build(self) -> None:
         torch.manual_seed(self.options.seed + self.rank)
         network = build_segmentation_network(self.plans_manager, self.configuration_manager,
@@ -246,7 +254,13 @@ class GeminiPretrainer:
         self.model = PretrainModel(network, gemini, head, self.options.decorrelation,
                                     self.options.restoration_weight, self.options.encoder_decorrelation).to(self.device)
         self.trained_parameters = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.trained_parameters, lr=self.options.lr)
+        # one Adam, two groups: the deformer's may have an lr of its own (--deformer_lr)
+        deformer = {id(p) for p in self.model.gemini.deformer.parameters()}
+        self.group_positions = [[i for i, p in enumerate(self.trained_parameters) if (id(p) in deformer) == d]
+                                for d in (False, True)]
+        self.optimizer = torch.optim.Adam(
+            [{"params": [self.trained_parameters[i] for i in positions], "lr": lr}
+             for positions, lr in zip(self.group_positions, self.group_lrs())])
         self.scaler = torch.amp.GradScaler("cuda") if self.use_amp else None
         self.forward_model = self.model
         if self.options.compile or os.environ.get("nnUNet_compile", "").lower() in ("1", "true", "t"):
@@ -391,9 +405,12 @@ class GeminiPretrainer:
         self.model.gemini.deformer.load_state_dict(ckpt["deformer_weights"])
         if self.model.restoration_head is not None:
             self.model.restoration_head.load_state_dict(ckpt["restoration_weights"])
-        self.optimizer.load_state_dict(ckpt["optimizer_state"])
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.options.lr  # the lr of this call wins (constant schedule)
+        optimizer_state = ckpt["optimizer_state"]
+        if len(optimizer_state["param_groups"]) == 1:  # written before the deformer had a group of its own
+            optimizer_state = optimizer_state_regrouped(optimizer_state, self.group_positions)
+        self.optimizer.load_state_dict(optimizer_state)
+        for group, lr in zip(self.optimizer.param_groups, self.group_lrs()):
+            group["lr"] = lr  # the lrs of this call win (constant schedule)
         if self.scaler is not None and ckpt.get("grad_scaler_state"):
             self.scaler.load_state_dict(ckpt["grad_scaler_state"])
         self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
@@ -478,7 +495,8 @@ class GeminiPretrainer:
         self.logger.log(f"pool: {len(self.case_ids)} unlabelled case(s); "
                         f"patch {list(self.configuration_manager.patch_size)}; "
                         f"{self.total_pairs} pair(s)/iteration over {self.world_size} process(es); "
-                        f"{o.epochs} epochs x {o.iters_per_epoch} iterations; Adam lr {o.lr}; deformation "
+                        f"{o.epochs} epochs x {o.iters_per_epoch} iterations; Adam lr {o.lr}"
+                        f"{'' if o.deformer_lr is None else f' (deformer {o.deformer_lr})'}; deformation "
                         f"{o.deformation}; restoration "
                         f"{'off' if not o.restoration else f'{o.restoration_mode}, weight {o.restoration_weight:g}'}; "
                         f"decorrelation weight {o.decorrelation:g}, on the encoder {o.encoder_decorrelation:g}; "

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pairs per iteration over all processes (default: half the plans' batch size, "
                         "at least 1)")
     p.add_argument("--lr", type=float, default=PRETRAIN_DEFAULTS["lr"], help="Adam learning rate (constant)")
+    p.add_argument("--deformer_lr", type=float, default=None,
+                   help="the deformer's Adam learning rate (constant; default: --lr, one optimiser as released)")
     p.add_argument("--deformation", default=PRETRAIN_DEFAULTS["deformation"], choices=DEFORMATIONS,
                    help="deformation model: velocity field integrated by scaling and squaring, or the "
                         "released direct displacement")
@@ -113,14 +115,15 @@ def options_from_args(args: argparse.Namespace):
     if not 0 < args.restoration_weight < float("inf"):
         raise GeminiUserError(f"--restoration_weight must be a finite weight > 0, got {args.restoration_weight} "
                               "(to pre-train without restoration, pass --no_restoration)")
-    if not args.lr > 0:
-        raise GeminiUserError(f"--lr must be > 0, got {args.lr}")
+    for name in ("lr", "deformer_lr"):
+        if getattr(args, name) is not None and not 0 < getattr(args, name) < float("inf"):
+            raise GeminiUserError(f"--{name} must be a finite learning rate > 0, got {getattr(args, name)}")
     num_processes = args.num_processes or int(os.environ.get("nnUNet_def_n_proc", 8))
     return PretrainOptions(
         dataset=args.dataset, configuration=args.configuration, plans=args.plans,
         device=args.device or default_device(), num_gpus=args.num_gpus, num_processes=num_processes,
         continue_training=args.continue_training, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
-        batch_size=args.batch_size, lr=args.lr, deformation=args.deformation,
+        batch_size=args.batch_size, lr=args.lr, deformer_lr=args.deformer_lr, deformation=args.deformation,
         unlabeled_dirs=[os.path.abspath(d) for d in args.unlabeled_dirs],
         include_test_images=args.include_test_images, restoration=args.restoration,
         restoration_mode=args.restoration_mode, decorrelation=args.decorrelation,

@@ -276,7 +276,8 @@ def test_method_labels_and_ablation_results_dir_links_the_shared_pretraining(tmp
                                   ["--gemini_rampup", "-0.1"], ["--gemini_rampup", "2"], ["--gemini_warmup", "1.5"],
                                   ["--gemini_lr", "0"], ["--gemini_deformer_lr=-1e-4"],
                                   ["--pretrain_decorrelation=-1"], ["--pretrain_encoder_decorrelation", "inf"],
-                                  ["--pretrain_restoration_weight", "0"], ["--pretrain_lr", "0"]])
+                                  ["--pretrain_restoration_weight", "0"], ["--pretrain_lr", "0"],
+                                  ["--pretrain_deformer_lr", "inf"]])
 def test_out_of_range_counts_and_weights_are_refused_before_anything_runs(flag, tmp_path, capsys):
     from nnunet_gemini.benchmark import main
     with pytest.raises(SystemExit) as exit_info:
@@ -418,7 +419,7 @@ def test_deformation_ablation_loads_a_pretraining_of_its_model(tmp_path, monkeyp
 @pytest.mark.parametrize("key,flag,label", [
     ("pretrain_restoration_weight", "--restoration_weight", "restoration weight"),
     ("pretrain_encoder_decorrelation", "--encoder_decorrelation", "encoder decorrelation"),
-    ("pretrain_lr", "--lr", "lr")])
+    ("pretrain_lr", "--lr", "lr"), ("pretrain_deformer_lr", "--deformer_lr", "deformer lr")])
 def test_pretraining_ablation_passes_its_flag_to_gemini_pretrain(key, flag, label, tmp_path):
     """--pretrain_restoration_weight / --pretrain_encoder_decorrelation W / --pretrain_lr LR:
     gemini_pretrain FLAG value into a folder of its own, under a key of its own."""

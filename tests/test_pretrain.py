@@ -401,3 +401,38 @@ def test_unlabeled_dir_joins_the_pool_incrementally(demo, tmp_path):
     pool = os.path.join(demo["env"]["nnUNet_preprocessed"], demo["name"], "nnUNetPlans_3d_fullres_gemini_unlabeled")
     sources = {c["case_id"]: c["source"] for c in _load_json(os.path.join(pool, "gemini_pool.json"))["cases"]}
     assert sources["outside"] == f"unlabeled_dir:{collection}"
+
+
+def test_deformer_lr_is_a_group_of_its_own_and_old_one_group_states_resume(in_process_env, tmp_path):
+    """--deformer_lr: the deformer's parameters (and only they) train at their own Adam lr; a
+    checkpoint whose optimiser state has one group (before --deformer_lr) resumes with its moments."""
+    from nnunet_gemini.checkpoints import optimizer_state_regrouped
+    t = _trainer(tmp_path, lr=1e-4, deformer_lr=1e-3)
+    network_group, deformer_group = t.optimizer.param_groups
+    assert (network_group["lr"], deformer_group["lr"]) == (1e-4, 1e-3)
+    assert {id(p) for p in deformer_group["params"]} == {id(p) for p in t.model.gemini.deformer.parameters()}
+    assert len(network_group["params"]) + len(deformer_group["params"]) == len(t.trained_parameters)
+    assert [g["lr"] for g in _trainer(tmp_path / "default").optimizer.param_groups] == [1e-4, 1e-4]
+    batch = _fixed_pair(t)
+    assert t.train_step(batch)
+    # the same moments as a one-group Adam over trained_parameters saves them: back to the two groups
+    position = {id(p): i for i, p in enumerate(t.trained_parameters)}
+    two = t.optimizer.state_dict()
+    ids = [p for g in t.optimizer.param_groups for p in g["params"]]
+    one = {"state": {position[id(p)]: two["state"][k] for k, p in enumerate(ids) if k in two["state"]},
+           "param_groups": [dict(two["param_groups"][0], params=list(range(len(ids))))]}
+    back = optimizer_state_regrouped(one, t.group_positions)
+    assert [g["params"] for g in back["param_groups"]] == [g["params"] for g in two["param_groups"]]
+    assert back["state"].keys() == two["state"].keys()
+    assert all(torch.equal(back["state"][k]["exp_avg"], two["state"][k]["exp_avg"]) for k in two["state"])
+    with pytest.raises(ValueError):
+        optimizer_state_regrouped(one, [t.group_positions[0]])  # the deformer's parameters left out
+    # through --c: a checkpoint holding the one-group state resumes, lrs of the call, moments kept
+    ckpt = t.checkpoint_dict()
+    ckpt["optimizer_state"] = one
+    torch.save(ckpt, os.path.join(t.output_dir, "checkpoint_latest.pth"))
+    r = _trainer(tmp_path, lr=1e-4, deformer_lr=5e-4)
+    assert r.resume()
+    assert [g["lr"] for g in r.optimizer.param_groups] == [1e-4, 5e-4]
+    restored = r.optimizer.state_dict()["state"]
+    assert all(torch.equal(restored[k]["exp_avg"], two["state"][k]["exp_avg"]) for k in two["state"])
