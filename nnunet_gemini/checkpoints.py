@@ -200,4 +200,3 @@ def optimizer_state_regrouped(state: Dict[str, Any], groups: List[List[int]]) ->
         new_groups.append(dict(group, params=ids))
         k += len(positions)
     return {"state": new_state, "param_groups": new_groups}
-

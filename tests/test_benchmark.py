@@ -421,8 +421,8 @@ def test_deformation_ablation_loads_a_pretraining_of_its_model(tmp_path, monkeyp
     ("pretrain_encoder_decorrelation", "--encoder_decorrelation", "encoder decorrelation"),
     ("pretrain_lr", "--lr", "lr"), ("pretrain_deformer_lr", "--deformer_lr", "deformer lr")])
 def test_pretraining_ablation_passes_its_flag_to_gemini_pretrain(key, flag, label, tmp_path):
-    """--pretrain_restoration_weight / --pretrain_encoder_decorrelation W / --pretrain_lr LR:
-    gemini_pretrain FLAG value into a folder of its own, under a key of its own."""
+    """--pretrain_restoration_weight / --pretrain_encoder_decorrelation W, --pretrain_lr /
+    --pretrain_deformer_lr LR: gemini_pretrain FLAG value into a folder of its own, under a key of its own."""
     bench = _pretraining_benchmark(tmp_path, {key: 10.0})
     name = "Dataset901_GeminiStudyN1draw0"
     checkpoint = bench._pretrain_checkpoint("diffeomorphic", name)
