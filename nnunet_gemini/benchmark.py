@@ -140,9 +140,17 @@ def ablation_suffix(ablation: dict) -> str:
                    for k, v in ablation.items())
 
 
-def run_tag(method: str, ablation: dict, n: int, draw: int, iterations: int) -> str:
-    """The name of a run's stages and logs (train_TAG, predict_TAG, predict_TAG_selection)."""
-    return f"{method}{ablation_suffix(ablation)}_N{n}_draw{draw}_{iterations}it"
+def run_tag(method: str, ablation: dict, n: int, draw: int, iterations: int, reference: bool = False) -> str:
+    """The name of a run's stages and logs (train_TAG, predict_TAG, predict_TAG_selection); a
+    reference run's differs from the study's run of the same cell and length."""
+    return f"{method}{ablation_suffix(ablation)}_N{n}_draw{draw}_{iterations}it" + ("_reference" if reference else "")
+
+
+def recorded_run_tag(run: dict) -> str:
+    """The tag a recorded run's logs carry (recorded since reference runs got a tag of their own;
+    older runs, references too, carry the plain one)."""
+    return run.get("log_tag") or run_tag(run["method"], recorded_ablation(run), run["n"], run["draw"],
+                                         run["iterations"])
 
 
 def pretrain_stage(deformation: str, dataset_name: str, collection_mode: bool, pretrain_ablation: dict) -> str:
@@ -215,7 +223,7 @@ def finished_outputs(results: dict) -> tuple:
     collection_mode = "collection" in results
     logs, folders = set(), {}
     for run in results["runs"]:
-        tag = run_tag(run["method"], recorded_ablation(run), run["n"], run["draw"], run["iterations"])
+        tag = recorded_run_tag(run)
         logs |= {f"train_{tag}.log", f"predict_{tag}.log"} | ({f"predict_{tag}_selection.log"} if "selection" in run
                                                                else set())
         folder = str(run_folder(run_results_root(run), run["dataset"], run["trainer"], run["fold"]))
@@ -570,7 +578,7 @@ class Benchmark:
             return done
         cell = self.cells[(n, draw)]
         trainer = TRAINER_OF.get(method, method)
-        tag = run_tag(method, ablation, n, draw, iterations)
+        tag = run_tag(method, ablation, n, draw, iterations, reference)
         results_root = self._results_root(trainer, ablation, reference, cell, iterations)
         results_dir = (self.folders["nnUNet_results"] if results_root == "nnUNet_results" else
                        str(self.out / results_root))
@@ -594,7 +602,7 @@ class Benchmark:
         run = {"method": method, "label": label, **ablation, "trainer": trainer, "n": n, "draw": draw,
                "dataset": cell["dataset_name"], "fold": cell["fold"], "reference": reference,
                "train_cases": cell["train"], "results_root": results_root, "iterations": iterations, "epochs": epochs,
-               "iters_per_epoch": self.budget["train_iters"], **scores, "training_logs": training_logs,
+               "iters_per_epoch": self.budget["train_iters"], **scores, "training_logs": training_logs, "log_tag": tag,
                "train_seconds": train_s, "predict_seconds": predict_s, "pretrain_share_seconds": 0.0,
                "wall_seconds": round(train_s + predict_s, 1), "device": self.device, "revision": self.revision,
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -578,3 +578,18 @@ def test_a_rerun_pretraining_is_a_new_attempt_and_keeps_the_one_it_replaces(tmp_
     write_reports(results, tmp_path, [], [1], 1)
     assert f"| {key} (attempt 0, replaced) (2 pre-train it) | 2 | 0.500 ± 0.100 |" in \
         (tmp_path / "results.md").read_text()
+
+
+def test_a_reference_run_and_the_studys_run_of_its_cell_keep_logs_of_their_own():
+    """nnUNetTrainer's --reference_iters run and the study's nnUNetTrainer run of the same cell and
+    length log under different names; records without log_tag (older studies) keep the plain name."""
+    from nnunet_gemini.benchmark import finished_outputs, recorded_run_tag, run_tag
+    plain, reference = run_tag("nnUNetTrainer", {}, 1, 0, 1250), run_tag("nnUNetTrainer", {}, 1, 0, 1250, True)
+    assert plain == "nnUNetTrainer_N1_draw0_1250it" and reference == plain + "_reference"
+    run = {"method": "nnUNetTrainer", "trainer": "nnUNetTrainer", "n": 1, "draw": 0, "iterations": 1250,
+           "dataset": "Dataset901_X", "fold": "all"}
+    old_reference = dict(run, reference=True)
+    runs = [dict(run, reference=False, log_tag=plain), dict(run, reference=True, log_tag=reference)]
+    assert [recorded_run_tag(r) for r in runs] == [plain, reference] and recorded_run_tag(old_reference) == plain
+    logs, _ = finished_outputs({"runs": runs})
+    assert logs == {f"{kind}_{tag}.log" for kind in ("train", "predict") for tag in (plain, reference)}
