@@ -167,10 +167,15 @@ def test_a_run_of_another_length_keeps_the_finished_runs_model(tiny_study):
     stamp = checkpoint.stat().st_mtime_ns, checkpoint.read_bytes()
     cmd = [a for a in tiny_study["cmd"] if a != "nnUNetTrainerGEMINI_NoPretrain"]
     cmd[cmd.index("--train_iters") + 1] = "2"
-    run_command(cmd, env, timeout=900)
+    # with a reference of the same length: two nnUNetTrainer runs of one cell, each with its own logs
+    run_command(cmd + ["--reference_iters", "2"], env, timeout=900)
     runs = json.loads((out / "results.json").read_text())["runs"]
-    (new,) = runs[len(before):]
+    new, reference = sorted(runs[len(before):], key=lambda r: r["reference"])
     assert (new["method"], new["iterations"], new["results_root"]) == ("nnUNetTrainer", 2, "nnUNet_results_2it")
+    assert (reference["method"], reference["iterations"], reference["reference"]) == ("nnUNetTrainer", 2, True)
+    assert reference["log_tag"] == new["log_tag"] + "_reference"
+    for run in (new, reference):
+        assert (out / "logs" / f"train_{run['log_tag']}.log").is_file()
     assert (run_folder(out / "nnUNet_results_2it", new["dataset"], new["trainer"], new["fold"]) /
             "checkpoint_final.pth").is_file()
     assert (checkpoint.stat().st_mtime_ns, checkpoint.read_bytes()) == stamp
