@@ -856,7 +856,7 @@ def write_reports(results: dict, out: Path, methods, ns, iterations: int) -> Non
     def refs_of(i, k):  # the study's table lists every reference run; a longer budget's, those of its length
         return [r for r in results["runs"] if r.get("reference") and r["n"] in sections[k][1]
                 and (i == 0 or r["iterations"] == k)]
-    refs = refs_of(0, order[0])
+    refs = [refs_of(i, k) for i, k in enumerate(order)]
     b = results["budget_iterations"]
     lines = [f"# gemini_benchmark: {results.get('dataset')}", "",
              f"Last call: budget `{results.get('budget')}` ({b['train_epochs']} epochs x {b['train_iters']} "
@@ -867,7 +867,7 @@ def write_reports(results: dict, out: Path, methods, ns, iterations: int) -> Non
              f"Command: `{' '.join(results.get('command', []))}`", ""]
     for i, k in enumerate(order):
         lines += ([f"## {k} supervised iterations per run", ""] if i else []) + \
-            _budget_lines(results, *sections[k], k, refs_of(i, k))
+            _budget_lines(results, *sections[k], k, refs[i])
     reg = dict(results.get("registration", {}))
     for r in results.get("pretraining_replaced", []):  # a deformer a rerun replaced keeps its row
         if "registration" in r:
@@ -885,7 +885,7 @@ def write_reports(results: dict, out: Path, methods, ns, iterations: int) -> Non
                 f"{name} ({r['pretrain_iterations']} pre-train it)"
             lines.append(f"| {label} | {r['pairs']} | {r['dice_mean']:.3f} ± {r['dice_std']:.3f} | {folding} |")
     (out / RESULTS_MD).write_text("\n".join(lines) + "\n")
-    _plot(summarise(results, main_methods, main_ns, order[0]), refs, main_ns, out / RESULTS_PNG, results)
+    _plot(summarise(results, main_methods, main_ns, order[0]), refs[0], main_ns, out / RESULTS_PNG, results)
 
 
 def _budget_lines(results: dict, methods, ns, iterations: int, refs: List[dict]) -> List[str]:
