@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from nnunet_gemini.atomic import write_json_atomic
-from nnunet_gemini.choices import DEFORMATIONS, PAIR_POSITIONS, TRANSFERS
+from nnunet_gemini.choices import DEFORMATIONS, DEFORMER_INPUTS, PAIR_POSITIONS, TRANSFERS
 from nnunet_gemini.datasets import dataset_id_of
 from nnunet_gemini.errors import GeminiUserError, run_cli
 from nnunet_gemini.workflow import StageRunner, default_device, nnunet_folders, project_revision, score_predictions
@@ -67,6 +67,9 @@ ABLATIONS = {
     "gemini_deformation": ("nnUNet_gemini_deformation", "deformation {}", GEMINI_TRAINERS,
                            "the deformer's deformation model, and that of the pre-training the runs load",
                            "diffeomorphic"),
+    "gemini_deformer_input": ("nnUNet_gemini_deformer_input", "deformer sees {}", USES_GEMINI_LOSS,
+                              "what a fresh deformer sees of each image (a pre-trained one: its pre-training's)",
+                              "features, as released"),
     "gemini_deformer_lr": ("nnUNet_gemini_deformer_lr", "deformer lr {:g}", USES_GEMINI_LOSS,
                            "the deformer's own Adam learning rate", "1e-4, as released"),
     "gemini_lr": ("nnUNet_gemini_lr", "lr {:g}", GEMINI_TRAINERS, "the network's initial SGD learning rate",
@@ -88,16 +91,20 @@ ABLATIONS = {
                     "gemini_pretrain's constant Adam learning rate (network and deformer)", "1e-4, as released"),
     "pretrain_deformer_lr": ("--deformer_lr", "pre-training deformer lr {:g}", USES_PRETRAINING,
                              "gemini_pretrain's Adam learning rate of the deformer alone", "the pre-training's lr"),
+    "pretrain_deformer_input": ("--deformer_input", "pre-training deformer sees {}", USES_PRETRAINING,
+                                "gemini_pretrain's deformer input (the runs that load it build theirs the same)",
+                                "features, as released"),
     # a longer (or shorter) pre-training beside the budget's, which keeps its own checkpoint
     "pretrain_length": ("--epochs", "pre-training {:g} epochs", USES_PRETRAINING,
                         "gemini_pretrain's number of epochs E (of --pretrain_iters iterations each)",
                         "the budget's --pretrain_epochs"),
 }
 PRETRAIN_ABLATIONS = {"pretrain_decorrelation", "pretrain_encoder_decorrelation", "pretrain_restoration_weight",
-                      "pretrain_lr", "pretrain_deformer_lr", "pretrain_length"}
+                      "pretrain_lr", "pretrain_deformer_lr", "pretrain_deformer_input", "pretrain_length"}
 INTEGER_ABLATIONS = {"pretrain_length"}
 CHOICE_ABLATIONS = {"gemini_pair_positions": PAIR_POSITIONS, "gemini_deformation": DEFORMATIONS,
-                    "gemini_transfer": TRANSFERS}  # the others: numbers
+                    "gemini_transfer": TRANSFERS, "gemini_deformer_input": DEFORMER_INPUTS,
+                    "pretrain_deformer_input": DEFORMER_INPUTS}  # the others: numbers
 DEMO_ID = 991
 COLLECTION_FIRST_ID = 901  # --collection datasets: 901, 902, ... under -o (never the user's nnUNet_raw)
 CONFIGURATION = "3d_fullres"
@@ -458,7 +465,7 @@ class Benchmark:
         cmd += ["--c"] if continued else []
         # --pretrain_length is the --epochs above, not a flag of its own
         cmd += [arg for k, v in self.pretrain_ablation.items() if k != "pretrain_length"
-                for arg in (ABLATIONS[k][0], f"{v:g}")]
+                for arg in (ABLATIONS[k][0], v if isinstance(v, str) else f"{v:g}")]
         if deformation != "diffeomorphic" or self.pretrain_ablation:
             cmd += ["-o", str(checkpoint.parent)]
         stage = pretrain_stage(deformation, dataset_name, self.collection_mode, self.pretrain_ablation)

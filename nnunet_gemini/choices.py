@@ -5,6 +5,10 @@ modules that act on them import the same names."""
 DEFORMATIONS = ("diffeomorphic", "displacement")   # velocity field + scaling and squaring, or the released one
 DEFORMER_RESOLUTIONS = ("full", "half")
 DEFAULT_DEFORMER_RESOLUTION = "half"  # measured choice: see docs/design.md
+# What the deformer sees of each image of a pair: the backbone's decoder features (as released), the
+# image intensities (as VoxelMorph), or both concatenated. The loss is the same in every case.
+DEFORMER_INPUTS = ("features", "images", "features_and_images")
+DEFAULT_DEFORMER_INPUT = "features"
 # Where the two patches of a pair sit: "same" relative position of each case (the default: the
 # released code registered whole volumes, so a pair showed corresponding anatomy), or
 # "independent" random positions (an ablation of that correspondence).
@@ -17,4 +21,5 @@ RESTORATION_MODES = ("joint", "separate")  # one forward and step for both losse
 # gemini_pretrain's defaults (800 x 250 = 2e5 iterations and Adam 1e-4, as released)
 PRETRAIN_DEFAULTS = dict(epochs=800, iters_per_epoch=250, lr=1e-4, save_every=5, max_nonfinite=10,
                          example_every=10, seed=12345, deformation="diffeomorphic", restoration_mode="joint",
-                         decorrelation=0.0, encoder_decorrelation=0.0, restoration_weight=100.0)
+                         decorrelation=0.0, encoder_decorrelation=0.0, restoration_weight=100.0,
+                         deformer_input=DEFAULT_DEFORMER_INPUT)

@@ -13,6 +13,11 @@ it once and takes u_BA = exp(-v_AB), the exact inverse of the same flow (a true 
 pair, half the deformer cost). "displacement" (as released): u = D(...), both directions
 always. Smoothness acts on the raw field (velocity or displacement).
 
+Deformer input. As released the deformer sees the decoder features of the two images;
+deformer_input="images" shows it the two images instead (as VoxelMorph), "features_and_images"
+both, concatenated per image. Only its input changes: the losses, their routing and the
+semantic terms (on the features) stay the same; the images carry no gradient.
+
 Default deformer option: half resolution, one direction (DEFAULT_BIDIRECTIONAL below,
 heads.DEFAULT_DEFORMER_RESOLUTION), a measured choice: about a quarter of full+both's GEMINI cost
 at equal or better quality on a known deformation, and exactly inverse-consistent; full
@@ -24,7 +29,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from nnunet_gemini.choices import DEFORMATIONS  # noqa: F401  (re-exported: callers import it from here)
+# DEFORMATIONS is re-exported: callers import it from here
+from nnunet_gemini.choices import DEFAULT_DEFORMER_INPUT, DEFORMATIONS, DEFORMER_INPUTS  # noqa: F401
 from nnunet_gemini.errors import GeminiUserError
 from nnunet_gemini.losses import GeminiWeights, gemini_loss
 from nnunet_gemini.registration import folding_fraction, integrate_velocity
@@ -39,8 +45,12 @@ class GeminiStep(nn.Module):
     def __init__(self, deformer: nn.Module, deformation: str = "diffeomorphic",
                  integration_steps: int = DEFAULT_INTEGRATION_STEPS,
                  bidirectional: Optional[bool] = None, weights: Optional[GeminiWeights] = None,
-                 ncc_window: int = 9, smoothness_kind: str = "gradient"):
+                 ncc_window: int = 9, smoothness_kind: str = "gradient",
+                 deformer_input: str = DEFAULT_DEFORMER_INPUT):
         super().__init__()
+        if deformer_input not in DEFORMER_INPUTS:
+            raise GeminiUserError(f"deformer input {deformer_input!r} is not one of {DEFORMER_INPUTS}; "
+                                  "pick one of them")
         if deformation not in DEFORMATIONS:
             raise GeminiUserError(f"deformation {deformation!r} is not one of {DEFORMATIONS}; pick one of them")
         if bidirectional is None:  # a displacement has no closed-form inverse: both directions
@@ -55,25 +65,41 @@ class GeminiStep(nn.Module):
         self.weights = weights if weights is not None else GeminiWeights()
         self.ncc_window = int(ncc_window)
         self.smoothness_kind = smoothness_kind
+        self.deformer_input = deformer_input
 
     def spec(self) -> dict:
         """How to rebuild this deformer and its fields (see deformer_spec): what checkpoints record."""
-        return deformer_spec(self.deformation, self.deformer.resolution, self.bidirectional, self.integration_steps)
+        return deformer_spec(self.deformation, self.deformer.resolution, self.bidirectional, self.integration_steps,
+                             self.deformer_input)
 
-    def fields(self, feat_a: torch.Tensor, feat_b: torch.Tensor):
+    def deformer_sees(self, feat: torch.Tensor, img: Optional[torch.Tensor]) -> torch.Tensor:
+        """What the deformer is given of one image (per deformer_input)."""
+        if self.deformer_input == "features":
+            return feat
+        if img is None:
+            raise ValueError(f"deformer_input {self.deformer_input!r} needs the images: pass img_a and img_b")
+        if img.shape[0] != feat.shape[0] or img.shape[2:] != feat.shape[2:]:
+            raise ValueError(f"images {tuple(img.shape)} and features {tuple(feat.shape)} differ in batch or "
+                             "spatial size")
+        img = img.to(feat.dtype)
+        return img if self.deformer_input == "images" else torch.cat((feat, img), dim=1)
+
+    def fields(self, feat_a: torch.Tensor, feat_b: torch.Tensor, img_a: Optional[torch.Tensor] = None,
+               img_b: Optional[torch.Tensor] = None):
         """-> (disp_ab, disp_ba, raw_ab, raw_ba): displacements (voxel units) and the raw
-        fields the smoothness term acts on."""
-        raw_ab = self.deformer(feat_a, feat_b).float()
+        fields the smoothness term acts on. The images are needed when the deformer sees them."""
+        seen_a, seen_b = self.deformer_sees(feat_a, img_a), self.deformer_sees(feat_b, img_b)
+        raw_ab = self.deformer(seen_a, seen_b).float()
         if self.deformation == "displacement":
-            raw_ba = self.deformer(feat_b, feat_a).float()
+            raw_ba = self.deformer(seen_b, seen_a).float()
             return raw_ab, raw_ba, raw_ab, raw_ba
-        raw_ba = self.deformer(feat_b, feat_a).float() if self.bidirectional else -raw_ab
+        raw_ba = self.deformer(seen_b, seen_a).float() if self.bidirectional else -raw_ab
         # both integrations in one batch (each sample as alone: the values of two separate calls)
         disp_ab, disp_ba = integrate_velocity(torch.cat((raw_ab, raw_ba)), self.integration_steps).chunk(2)
         return disp_ab, disp_ba, raw_ab, raw_ba
 
     def forward(self, img_a: torch.Tensor, img_b: torch.Tensor, feat_a: torch.Tensor, feat_b: torch.Tensor):
-        disp_ab, disp_ba, raw_ab, raw_ba = self.fields(feat_a, feat_b)
+        disp_ab, disp_ba, raw_ab, raw_ba = self.fields(feat_a, feat_b, img_a, img_b)
         loss, terms = gemini_loss(img_a, img_b, feat_a, feat_b, disp_ab, disp_ba, reg_ab=raw_ab, reg_ba=raw_ba,
                                   weights=self.weights, ncc_window=self.ncc_window,
                                   smoothness_kind=self.smoothness_kind)
@@ -87,7 +113,7 @@ class GeminiStep(nn.Module):
 
 
 GEMINI_STEP_OPTIONS = ("deformation", "integration_steps", "bidirectional", "ncc_window", "smoothness_kind",
-                       "weights")
+                       "weights", "deformer_input")
 
 
 def from_options(deformer: nn.Module, options: Optional[dict] = None) -> GeminiStep:
@@ -110,12 +136,12 @@ def from_options(deformer: nn.Module, options: Optional[dict] = None) -> GeminiS
 # ------------------------------------------------------------------ the deformer's spec
 # One description of the deformer and its fields, written by both checkpoint writers (gemini_pretrain,
 # the trainer) and read by every reader (the trainer's pre-trained start and --c, gemini_register).
-SPEC_KEYS = ("deformation", "resolution", "bidirectional", "integration_steps")
+SPEC_KEYS = ("deformation", "resolution", "bidirectional", "integration_steps", "input")
 
 
 def deformer_spec(deformation: Optional[str] = None, resolution: Optional[str] = None,
                   bidirectional: Optional[bool] = None, integration_steps: Optional[int] = None,
-                  where: str = "the deformer spec") -> dict:
+                  input: Optional[str] = None, where: str = "the deformer spec") -> dict:
     """The complete spec {SPEC_KEYS}, None -> the default (the one place the defaults live), checked;
     GeminiUserError naming `where` when a value is not buildable."""
     from nnunet_gemini.heads import DEFAULT_DEFORMER_RESOLUTION, DEFORMER_RESOLUTIONS
@@ -133,24 +159,28 @@ def deformer_spec(deformation: Optional[str] = None, resolution: Optional[str] =
     steps = DEFAULT_INTEGRATION_STEPS if integration_steps is None else integration_steps
     if isinstance(steps, bool) or int(steps) != steps or steps < 0:
         raise GeminiUserError(f"{where}: integration_steps {integration_steps!r} is not a non-negative integer")
+    input = DEFAULT_DEFORMER_INPUT if input is None else input
+    if input not in DEFORMER_INPUTS:
+        raise GeminiUserError(f"{where}: deformer input {input!r} is not one of {DEFORMER_INPUTS}")
     return {"deformation": deformation, "resolution": resolution, "bidirectional": bool(bidirectional),
-            "integration_steps": int(steps)}
+            "integration_steps": int(steps), "input": input}
 
 
 def spec_to_checkpoint(spec: dict) -> dict:
     """The checkpoint fields of a spec, in the layout both checkpoint kinds have always had:
-    {"deformation": ..., "deformer": {"resolution", "bidirectional", "integration_steps"}}."""
+    {"deformation": ..., "deformer": {"resolution", "bidirectional", "integration_steps", "input"}}."""
     spec = deformer_spec(**spec)
     return {"deformation": spec["deformation"], "deformer": {k: spec[k] for k in SPEC_KEYS if k != "deformation"}}
 
 
 def spec_from_checkpoint(entry: dict, where: str) -> dict:
     """The spec recorded in a checkpoint's fields (a gemini_pretrain "meta" or a trainer's "gemini"
-    entry). Keys an older writer left out take the defaults; other keys there (gemini_pretrain wrote
+    entry). Keys an older writer left out take the defaults (one written before the deformer input was
+    recorded has a feature-input deformer, the default); other keys there (gemini_pretrain wrote
     "ncc_window", a loss setting nobody read back) are ignored."""
     deformer = entry.get("deformer") or {}
     return deformer_spec(entry.get("deformation"), deformer.get("resolution"), deformer.get("bidirectional"),
-                         deformer.get("integration_steps"), where=where)
+                         deformer.get("integration_steps"), deformer.get("input"), where=where)
 
 
 def step_from_spec(network: nn.Module, spec: dict) -> GeminiStep:
@@ -158,5 +188,6 @@ def step_from_spec(network: nn.Module, spec: dict) -> GeminiStep:
     a GeminiStep, both as `spec` says."""
     from nnunet_gemini.heads import build_deformer
     spec = deformer_spec(**spec)
-    deformer = build_deformer(network, resolution=spec["resolution"])
-    return from_options(deformer, {k: spec[k] for k in ("deformation", "bidirectional", "integration_steps")})
+    deformer = build_deformer(network, resolution=spec["resolution"], deformer_input=spec["input"])
+    return from_options(deformer, {"deformer_input": spec["input"],
+                                   **{k: spec[k] for k in ("deformation", "bidirectional", "integration_steps")}})

@@ -12,9 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_gemini.choices import DEFAULT_DEFORMER_RESOLUTION, DEFORMER_RESOLUTIONS  # noqa: F401
+from nnunet_gemini.choices import (  # noqa: F401
+    DEFAULT_DEFORMER_INPUT,
+    DEFAULT_DEFORMER_RESOLUTION,
+    DEFORMER_INPUTS,
+    DEFORMER_RESOLUTIONS,
+)
 from nnunet_gemini.errors import GeminiUserError
-from nnunet_gemini.network import feature_channels, unwrap_network
+from nnunet_gemini.network import feature_channels, input_channels, unwrap_network
 from nnunet_gemini.registration import resize_field
 
 
@@ -42,7 +47,8 @@ class _ConvNormAct(nn.Sequential):
 
 
 class Deformer(nn.Module):
-    """Small 2-level U-Net on concat(feat_a, feat_b) -> raw field (B, ndim, *spatial) in voxel
+    """Small 2-level U-Net on concat(feat_a, feat_b) (what it sees of each image: in_channels each,
+    see build_deformer) -> raw field (B, ndim, *spatial) in voxel
     units (a velocity or a displacement; GeminiStep decides), ~0 at init.
 
     Levels: full (c0) -> /2 (c1) -> /4 bottleneck (c2) -> /2 (c3, with skip) -> full (c4, with
@@ -106,9 +112,18 @@ class RestorationHead(nn.Module):
         return self.out(self.body(features))
 
 
+def deformer_input_channels(network: nn.Module, deformer_input: str = DEFAULT_DEFORMER_INPUT) -> int:
+    """Channels the deformer sees of each image: the decoder features', the images', or both."""
+    if deformer_input not in DEFORMER_INPUTS:
+        raise GeminiUserError(f"deformer input {deformer_input!r} is not one of {DEFORMER_INPUTS}; pick one of them")
+    return ((feature_channels(network) if deformer_input != "images" else 0)
+            + (input_channels(network) if deformer_input != "features" else 0))
+
+
 def build_deformer(network: nn.Module, ndim: int = None, resolution: str = DEFAULT_DEFORMER_RESOLUTION,
-                   **kwargs) -> Deformer:
-    return Deformer(network_ops(network), feature_channels(network), ndim=ndim, resolution=resolution, **kwargs)
+                   deformer_input: str = DEFAULT_DEFORMER_INPUT, **kwargs) -> Deformer:
+    return Deformer(network_ops(network), deformer_input_channels(network, deformer_input), ndim=ndim,
+                    resolution=resolution, **kwargs)
 
 
 def build_restoration_head(network: nn.Module, num_input_channels: int) -> RestorationHead:

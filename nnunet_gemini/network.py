@@ -65,6 +65,12 @@ def feature_channels(network: nn.Module) -> int:
     return int(net.encoder.output_channels[0])
 
 
+def input_channels(network: nn.Module) -> int:
+    """Channels of the images the network takes (its encoder's first convolution's input)."""
+    enc = unwrap_network(network).encoder
+    return int(next(m for m in enc.modules() if isinstance(m, enc.conv_op)).in_channels)
+
+
 class EncoderStagesTap:
     """Forward hooks on every encoder stage: after ``network(x)``, ``.pop()`` returns the stages'
     outputs of that forward (with their graph), from full resolution down; ``.close()`` (or leaving

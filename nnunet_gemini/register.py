@@ -268,11 +268,13 @@ def register_cases(model: RegistrationModel, moving: _Case, fixed: _Case, moving
     if tuple(moving.data.shape[1:]) == tuple(fixed.data.shape[1:]):
         if moving.features is None:
             moving.features = case_features(model, moving)
-        moving_features = moving.features
+        moving_features, moving_data = moving.features, moving.data
     else:
-        moving_features = case_features(model, moving, _resample_to(moving.data, fixed.data.shape[1:]))
-    with torch.no_grad():
-        disp = model.step.fields(moving_features, fixed.features)[0].float()
+        moving_data = _resample_to(moving.data, fixed.data.shape[1:])
+        moving_features = case_features(model, moving, moving_data)
+    with torch.no_grad():  # the images too: a deformer may see them (its spec's input)
+        images = [torch.as_tensor(d)[None].to(model.device).float() for d in (moving_data, fixed.data)]
+        disp = model.step.fields(moving_features, fixed.features, *images)[0].float()
     field_mm = sitk.GetImageFromArray(displacement_field_mm(fixed, moving, disp), isVector=True)
     field_mm.CopyInformation(fixed.images[0])
     reference = fixed.images[0]

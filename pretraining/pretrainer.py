@@ -91,6 +91,7 @@ class PretrainOptions:
     lr: float = PRETRAIN_DEFAULTS["lr"]
     deformer_lr: Optional[float] = None  # the deformer's Adam lr; None: lr (one optimiser, as released)
     deformation: str = PRETRAIN_DEFAULTS["deformation"]
+    deformer_input: str = PRETRAIN_DEFAULTS["deformer_input"]  # what the deformer sees of each image
     unlabeled_dirs: List[str] = field(default_factory=list)
     include_test_images: bool = False
     restoration: bool = True
@@ -248,8 +249,9 @@ class GeminiPretrainer:
         for name, p in network.named_parameters():
             if ".seg_layers." in f".{name}":
                 p.requires_grad_(False)
-        # the spec's defaults (measured resolution; one pass + inverse for diffeomorphic) and --deformation
-        gemini = step_from_spec(network, deformer_spec(self.options.deformation))
+        # the spec's defaults (measured resolution; one pass + inverse for diffeomorphic), --deformation
+        # and --deformer_input
+        gemini = step_from_spec(network, deformer_spec(self.options.deformation, input=self.options.deformer_input))
         head = build_restoration_head(network, self.num_input_channels) if self.options.restoration else None
         self.model = PretrainModel(network, gemini, head, self.options.decorrelation,
                                     self.options.restoration_weight, self.options.encoder_decorrelation).to(self.device)
@@ -388,6 +390,9 @@ class GeminiPretrainer:
                                   f"{self.options.iters_per_epoch}: pass --iters_per_epoch {saved_iters} (--epochs "
                                   f"counts epochs of that length), or start a new run without --c (or another -o).")
         checkpointed = spec_from_checkpoint(meta, where=path)
+        if checkpointed["input"] != self.options.deformer_input:
+            raise GeminiUserError(f"--c: {path} holds a deformer that sees the {checkpointed['input']}, not the "
+                                  f"{self.options.deformer_input}: pass --deformer_input {checkpointed['input']}.")
         if checkpointed != self.model.gemini.spec():
             raise GeminiUserError(f"--c: {path} holds a deformer built as {checkpointed}, this version builds "
                                   f"{self.model.gemini.spec()}: resume with the version that started the run, or "
@@ -474,7 +479,7 @@ class GeminiPretrainer:
             a = batch["a"][:1].to(self.device).float()
             b = batch["b"][:1].to(self.device).float()
             feats = model.features(torch.cat([a, b]))
-            disp_ab = model.gemini.fields(feats[:1], feats[1:2])[0]
+            disp_ab = model.gemini.fields(feats[:1], feats[1:2], a, b)[0]
             tag = f"epoch_{self.epoch:04d}"
             save_pair_figure(os.path.join(self.output_dir, f"example_pair_{tag}.png"), b[0].cpu().numpy(),
                              a[0].cpu().numpy(), warp(a, disp_ab)[0].cpu().numpy(), disp_ab[0].cpu().numpy())
@@ -497,7 +502,7 @@ class GeminiPretrainer:
                         f"{self.total_pairs} pair(s)/iteration over {self.world_size} process(es); "
                         f"{o.epochs} epochs x {o.iters_per_epoch} iterations; Adam lr {o.lr}"
                         f"{'' if o.deformer_lr is None else f' (deformer {o.deformer_lr})'}; deformation "
-                        f"{o.deformation}; restoration "
+                        f"{o.deformation}, deformer input {o.deformer_input}; restoration "
                         f"{'off' if not o.restoration else f'{o.restoration_mode}, weight {o.restoration_weight:g}'}; "
                         f"decorrelation weight {o.decorrelation:g}, on the encoder {o.encoder_decorrelation:g}; "
                         f"device {self.device}; mixed precision {self.use_amp}")

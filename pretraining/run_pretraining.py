@@ -25,7 +25,7 @@ import sys
 from dataclasses import asdict
 from typing import Optional
 
-from nnunet_gemini.choices import DEFORMATIONS, PRETRAIN_DEFAULTS, RESTORATION_MODES
+from nnunet_gemini.choices import DEFORMATIONS, DEFORMER_INPUTS, PRETRAIN_DEFAULTS, RESTORATION_MODES
 from nnunet_gemini.errors import GeminiUserError, run_cli
 
 
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deformation", default=PRETRAIN_DEFAULTS["deformation"], choices=DEFORMATIONS,
                    help="deformation model: velocity field integrated by scaling and squaring, or the "
                         "released direct displacement")
+    p.add_argument("--deformer_input", default=PRETRAIN_DEFAULTS["deformer_input"], choices=DEFORMER_INPUTS,
+                   help="what the deformer sees of each image: the network's decoder features (as released), the "
+                        "images (as VoxelMorph), or both; the trainers that load the checkpoint build it the same")
     p.add_argument("--unlabeled_dir", dest="unlabeled_dirs", nargs="+", action="extend", default=[],
                    help="extra folders of CASE_XXXX<file_ending> images for the pool")
     p.add_argument("--include_test_images", action="store_true", help="also put imagesTs into the pool")
@@ -124,6 +127,7 @@ def options_from_args(args: argparse.Namespace):
         device=args.device or default_device(), num_gpus=args.num_gpus, num_processes=num_processes,
         continue_training=args.continue_training, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
         batch_size=args.batch_size, lr=args.lr, deformer_lr=args.deformer_lr, deformation=args.deformation,
+        deformer_input=args.deformer_input,
         unlabeled_dirs=[os.path.abspath(d) for d in args.unlabeled_dirs],
         include_test_images=args.include_test_images, restoration=args.restoration,
         restoration_mode=args.restoration_mode, decorrelation=args.decorrelation,

@@ -421,23 +421,25 @@ def test_deformation_ablation_loads_a_pretraining_of_its_model(tmp_path, monkeyp
     assert [r["pretrain_share_seconds"] for r in runs] == [60.0, 60.0]
 
 
-@pytest.mark.parametrize("key,flag,label", [
-    ("pretrain_restoration_weight", "--restoration_weight", "restoration weight"),
-    ("pretrain_encoder_decorrelation", "--encoder_decorrelation", "encoder decorrelation"),
-    ("pretrain_lr", "--lr", "lr"), ("pretrain_deformer_lr", "--deformer_lr", "deformer lr")])
-def test_pretraining_ablation_passes_its_flag_to_gemini_pretrain(key, flag, label, tmp_path):
+@pytest.mark.parametrize("key,flag,label,value,shown", [
+    ("pretrain_restoration_weight", "--restoration_weight", "restoration weight", 10.0, "10"),
+    ("pretrain_encoder_decorrelation", "--encoder_decorrelation", "encoder decorrelation", 10.0, "10"),
+    ("pretrain_lr", "--lr", "lr", 10.0, "10"), ("pretrain_deformer_lr", "--deformer_lr", "deformer lr", 10.0, "10"),
+    ("pretrain_deformer_input", "--deformer_input", "deformer sees", "images", "images")])
+def test_pretraining_ablation_passes_its_flag_to_gemini_pretrain(key, flag, label, value, shown, tmp_path):
     """--pretrain_restoration_weight / --pretrain_encoder_decorrelation W, --pretrain_lr /
-    --pretrain_deformer_lr LR: gemini_pretrain FLAG value into a folder of its own, under a key of its own."""
-    bench = _pretraining_benchmark(tmp_path, {key: 10.0})
+    --pretrain_deformer_lr LR, --pretrain_deformer_input WHAT: gemini_pretrain FLAG value into a folder
+    of its own, under a key of its own."""
+    bench = _pretraining_benchmark(tmp_path, {key: value})
     name = "Dataset901_GeminiStudyN1draw0"
     checkpoint = bench._pretrain_checkpoint("diffeomorphic", name)
-    assert checkpoint.parent == tmp_path / f"pretrain_diffeomorphic_{key}10_{name}"
+    assert checkpoint.parent == tmp_path / f"pretrain_diffeomorphic_{key}{shown}_{name}"
     commands = _fake_pretrain_runs(bench, checkpoint, b"x", 1.0)
     record = bench.pretrain("diffeomorphic", name)
     ((_, cmd),) = commands
-    assert cmd[cmd.index(flag) + 1] == "10" and "--decorrelation" not in cmd
-    assert record[key] == 10.0
-    assert bench._pretraining_key("diffeomorphic", name).endswith(f"(pre-training {label} 10)")
+    assert cmd[cmd.index(flag) + 1] == shown and "--decorrelation" not in cmd
+    assert record[key] == value
+    assert bench._pretraining_key("diffeomorphic", name).endswith(f"(pre-training {label} {shown})")
 
 
 def test_pretraining_length_ablation_runs_beside_the_budgets_pretraining(tmp_path):

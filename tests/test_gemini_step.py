@@ -154,18 +154,22 @@ def test_options_and_user_errors():
 def test_one_deformer_spec_written_and_read_back():
     """The spec: defaults in one place, both checkpoint layouts read back, a step rebuilt as described."""
     assert deformer_spec() == {"deformation": "diffeomorphic", "resolution": "half", "bidirectional": False,
-                               "integration_steps": DEFAULT_INTEGRATION_STEPS}
+                               "integration_steps": DEFAULT_INTEGRATION_STEPS, "input": "features"}
     assert deformer_spec("displacement")["bidirectional"] is True  # no closed-form inverse
     network = tiny_unet()
     for spec in (deformer_spec(), deformer_spec("displacement", "full", integration_steps=3),
-                 deformer_spec("diffeomorphic", "full", bidirectional=True, integration_steps=0)):
+                 deformer_spec("diffeomorphic", "full", bidirectional=True, integration_steps=0),
+                 deformer_spec(input="images"), deformer_spec("displacement", input="features_and_images")):
         step = step_from_spec(network, spec)
         assert step.spec() == spec and step.deformer.resolution == spec["resolution"]
+        assert step.deformer.enc0[0].in_channels == 2 * {"features": 8, "images": 1, "features_and_images": 9}[
+            spec["input"]]  # tiny_unet: 4 feature channels, 1 image channel
         fields = spec_to_checkpoint(step.spec())  # the layout both writers have always used
         assert set(fields) == {"deformation", "deformer"} and set(fields["deformer"]) == {
-            "resolution", "bidirectional", "integration_steps"}
+            "resolution", "bidirectional", "integration_steps", "input"}
         assert spec_from_checkpoint(fields, "ckpt") == spec
-    # checkpoints written before the spec: gemini_pretrain's extra ncc_window, keys left out
+    # checkpoints written before the spec: gemini_pretrain's extra ncc_window, keys left out (before the
+    # input was recorded every deformer saw the features)
     old_pretrain = {"deformation": "diffeomorphic", "deformer": {"resolution": "half", "bidirectional": False,
                                                                  "integration_steps": 7, "ncc_window": 9}}
     assert spec_from_checkpoint(old_pretrain, "ckpt") == deformer_spec()
@@ -173,9 +177,41 @@ def test_one_deformer_spec_written_and_read_back():
     for entry, fragment in (({"deformation": "affine"}, "deformation 'affine'"),
                             ({"deformer": {"resolution": "quarter"}}, "resolution 'quarter'"),
                             ({"deformation": "displacement", "deformer": {"bidirectional": False}}, "bidirectional"),
-                            ({"deformer": {"integration_steps": -1}}, "integration_steps -1")):
+                            ({"deformer": {"integration_steps": -1}}, "integration_steps -1"),
+                            ({"deformer": {"input": "labels"}}, "input 'labels'")):
         with pytest.raises(GeminiUserError, match=f"old.pth: .*{fragment}"):
             spec_from_checkpoint(entry, "old.pth")
+
+
+def test_the_deformer_sees_what_its_input_says_and_the_images_carry_no_gradient():
+    """features: the images do not change the field; images: the features do not, and the flow-only terms
+    send the backbone no gradient; features_and_images: both change it. The images are required when the
+    deformer sees them."""
+    torch.manual_seed(3)
+    net = tiny_unet()
+    x = torch.randn(4, 1, 16, 16)
+    other = torch.randn(2, 1, 16, 16)
+    for what in ("features", "images", "features_and_images"):
+        step = step_from_spec(net, deformer_spec(resolution="full", input=what))
+        nn.init.normal_(step.deformer.out.weight, std=0.05)
+        with DecoderFeatureTap(net) as tap:
+            net(x)
+            feats = tap.pop()
+        img_a, img_b, fa, fb = x[:2], x[2:], feats[:2], feats[2:]
+        field = step.fields(fa, fb, img_a, img_b)[0]
+        changed_images = not torch.equal(field, step.fields(fa, fb, other, img_b)[0])
+        changed_features = not torch.equal(field, step.fields(fa.roll(3, -1), fb, img_a, img_b)[0])
+        assert (changed_features, changed_images) == {"features": (True, False), "images": (False, True),
+                                                      "features_and_images": (True, True)}[what], what
+        if what != "features":
+            with pytest.raises(ValueError, match="needs the images"):
+                step.fields(fa, fb)
+        # the flow-only terms (appearance, smoothness) reach the backbone only through the deformer's input
+        net.zero_grad()
+        step.weights = GeminiWeights(semantic=0.0)
+        step(img_a, img_b, fa, fb)[0].backward()
+        backbone = sum(float(p.grad.abs().sum()) for p in net.parameters() if p.grad is not None)
+        assert (backbone > 0) == (what != "images"), (what, backbone)
 
 
 # the default (half, one direction) and both directions; full resolution costs more CPU and is

@@ -71,7 +71,8 @@ def test_cli_outputs_at_documented_paths(demo):
     assert sorted(meta["unlabeled_cases"]) == sorted(sources)
     assert meta["deformation"] == "diffeomorphic" and meta["versions"]["torch"] == torch.__version__
     # the deformer spec, in the layout every reader reads (gemini_step.spec_from_checkpoint)
-    assert meta["deformer"] == {"resolution": "half", "bidirectional": False, "integration_steps": 7}
+    assert meta["deformer"] == {"resolution": "half", "bidirectional": False, "integration_steps": 7,
+                                "input": "features"}
     assert all(t.device.type == "cpu" for t in ckpt["network_weights"].values())
     assert any(".seg_layers." in k for k in ckpt["network_weights"])  # the FULL network
     assert ckpt["deformer_weights"] and ckpt["restoration_weights"]
@@ -436,3 +437,25 @@ def test_deformer_lr_is_a_group_of_its_own_and_old_one_group_states_resume(in_pr
     assert [g["lr"] for g in r.optimizer.param_groups] == [1e-4, 5e-4]
     restored = r.optimizer.state_dict()["state"]
     assert all(torch.equal(restored[k]["exp_avg"], two["state"][k]["exp_avg"]) for k in two["state"])
+
+
+def test_deformer_input_is_built_checkpointed_and_held_on_resume(in_process_env, tmp_path):
+    """--deformer_input images: the deformer sees the two images (one channel each), trains, draws its
+    example, and the checkpoint records the input; --c with another input is refused naming the flag."""
+    from nnunet_gemini.errors import GeminiUserError
+    from nnunet_gemini.gemini_step import spec_from_checkpoint
+    t = _trainer(tmp_path, deformer_input="images")
+    assert t.model.gemini.deformer.enc0[0].in_channels == 2 * t.num_input_channels
+    batch = _fixed_pair(t)
+    before = [p.detach().clone() for p in t.model.gemini.deformer.parameters()]
+    assert t.train_step(batch)
+    assert any(not torch.equal(a, p) for a, p in zip(before, t.model.gemini.deformer.parameters()))
+    t.epoch = 1
+    t.save_examples(batch)  # draws the pair's field: the deformer needs the images there too
+    assert glob.glob(os.path.join(t.output_dir, "example_pair_epoch_0001.png"))
+    ckpt = t.checkpoint_dict()
+    assert spec_from_checkpoint(ckpt["meta"], "ckpt")["input"] == "images"
+    torch.save(ckpt, os.path.join(t.output_dir, "checkpoint_latest.pth"))
+    assert _trainer(tmp_path, deformer_input="images").resume()
+    with pytest.raises(GeminiUserError, match="sees the images, not the features: pass --deformer_input images"):
+        _trainer(tmp_path).resume()

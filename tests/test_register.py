@@ -55,18 +55,22 @@ def shifted_pair(planned_demo, tmp_path_factory):
     pm = PlansManager(plans)
     cm = pm.get_configuration("3d_fullres")
     network = build_segmentation_network(pm, cm, 1, len(dataset_json["labels"]), enable_deep_supervision=False)
-    deformer = build_deformer(network, resolution="full")
-    with torch.no_grad():
-        deformer.out.weight.zero_()
-        deformer.out.bias.copy_(torch.tensor(SHIFT[pm.transpose_forward], dtype=torch.float32))
-    checkpoint = str(root / "fold_all" / "checkpoint_final.pth")
-    atomic_torch_save({"gemini_kind": KIND_PRETRAIN, "format_version": FORMAT_VERSION,
-                       "network_weights": network.state_dict(), "deformer_weights": deformer.state_dict(),
-                       "meta": {"dataset_name": planned_demo.dataset_name, "plans_identifier": "nnUNetPlans",
-                                "configuration": "3d_fullres", "deformation": "diffeomorphic",
-                                "deformer": {"resolution": "full", "integration_steps": 7}}}, checkpoint)
-    return dict(root=root, folder=folder, labels=labels, checkpoint=checkpoint, fixed=fixed,
-                fixed_label=fixed_label, env=planned_demo.env)
+    checkpoints = {}
+    for deformer_input in ("features", "images"):  # the released deformer, and one that sees the images
+        deformer = build_deformer(network, resolution="full", deformer_input=deformer_input)
+        with torch.no_grad():
+            deformer.out.weight.zero_()
+            deformer.out.bias.copy_(torch.tensor(SHIFT[pm.transpose_forward], dtype=torch.float32))
+        checkpoints[deformer_input] = str(root / deformer_input / "fold_all" / "checkpoint_final.pth")
+        spec = {"resolution": "full", "integration_steps": 7}  # the features one: as written before the input
+        atomic_torch_save({"gemini_kind": KIND_PRETRAIN, "format_version": FORMAT_VERSION,
+                           "network_weights": network.state_dict(), "deformer_weights": deformer.state_dict(),
+                           "meta": {"dataset_name": planned_demo.dataset_name, "plans_identifier": "nnUNetPlans",
+                                    "configuration": "3d_fullres", "deformation": "diffeomorphic",
+                                    "deformer": spec if deformer_input == "features" else
+                                    dict(spec, input=deformer_input)}}, checkpoints[deformer_input])
+    return dict(root=root, folder=folder, labels=labels, checkpoint=checkpoints["features"],
+                images_checkpoint=checkpoints["images"], fixed=fixed, fixed_label=fixed_label, env=planned_demo.env)
 
 
 def _inside(shape):
@@ -125,7 +129,7 @@ def test_pairs_from_folder_reports_dice_per_ordered_pair(shifted_pair, monkeypat
     model = load_from_pretrain_checkpoint(p["checkpoint"], "cpu")
     # the deformer as the checkpoint's spec says (keys it leaves out take the spec's defaults)
     assert model.step.spec() == {"deformation": "diffeomorphic", "resolution": "full", "bidirectional": False,
-                                 "integration_steps": 7}
+                                 "integration_steps": 7, "input": "features"}
     summary = register_folder(model, str(p["folder"]), str(p["labels"]), str(p["root"] / "pairs"),
                               write_images=False)
     dice = {(q["moving"], q["fixed"]): q["dice"]["mean"] for q in summary["pairs"]}
@@ -172,7 +176,7 @@ def test_trainer_results_are_rebuilt_from_their_spec(shifted_pair, tmp_path, mon
     monkeypatch.setenv("nnUNet_results", str(tmp_path))
     model = load_from_trainer_results(name, device="cpu")
     assert model.step.spec() == {"deformation": "diffeomorphic", "resolution": "full", "bidirectional": True,
-                                 "integration_steps": 5}
+                                 "integration_steps": 5, "input": "features"}
     with pytest.raises(GeminiUserError, match="records deformation 'diffeomorphic'; drop --deformation"):
         load_from_trainer_results(name, deformation="displacement", device="cpu")
 
@@ -354,7 +358,7 @@ def test_zero_field_record_is_the_pipeline_with_an_identity_field(shaped_cases, 
     monkeypatch.setenv("nnUNet_preprocessed", p["env"]["nnUNet_preprocessed"])
     model = load_from_pretrain_checkpoint(p["checkpoint"], "cpu")
     fields, real = [], model.step.fields
-    monkeypatch.setattr(model.step, "fields", lambda a, b: fields.append(real(a, b)) or fields[-1])
+    monkeypatch.setattr(model.step, "fields", lambda *args: fields.append(real(*args)) or fields[-1])
     bench = Benchmark.__new__(Benchmark)  # what zero_field_dice uses: the results and where they are saved
     bench.results_path, bench.results = tmp_path / RESULTS_JSON, {"registration": {}}
     before = {k: v.clone() for k, v in model.step.deformer.state_dict().items()}
@@ -390,3 +394,15 @@ def test_zero_field_record_is_the_pipeline_with_an_identity_field(shaped_cases, 
     for q in out["per_pair"]:
         if {q["moving"], q["fixed"]} == {"moving", "fixed"}:
             assert json.dumps(q["dice"]) == json.dumps(unshifted), q
+
+
+def test_a_deformer_that_sees_the_images_registers_through_the_cli(shifted_pair):
+    """A checkpoint whose deformer sees the images (gemini_pretrain --deformer_input images) is rebuilt
+    so and given the moving and fixed images on the fixed grid: the known shift comes back."""
+    p, out = shifted_pair, shifted_pair["root"] / "out_images"
+    run_command([sys.executable, "-m", "nnunet_gemini.register", "--checkpoint", p["images_checkpoint"],
+                 "-m", str(p["folder"] / "moving_0000.nii.gz"), "-f", str(p["folder"] / "fixed_0000.nii.gz"),
+                 "--moving_label", str(p["labels"] / "moving.nii.gz"),
+                 "--fixed_label", str(p["labels"] / "fixed.nii.gz"), "-o", str(out), "-device", "cpu"],
+                p["env"], timeout=600)
+    assert json.load(open(out / "registration.json"))["dice"]["mean"] > 0.97

@@ -107,7 +107,8 @@ def test_cli_train_3d_runs_to_final_validation_and_predicts(demo_copy, tmp_path)
     assert ckpt["gemini"]["deformer_weights"]  # deformer saved beside the plain network
     # what gemini_register needs to rebuild the deformer
     assert ckpt["gemini"]["deformation"] == "diffeomorphic"
-    assert ckpt["gemini"]["deformer"] == {"resolution": "half", "bidirectional": False, "integration_steps": 7}
+    assert ckpt["gemini"]["deformer"] == {"resolution": "half", "bidirectional": False, "integration_steps": 7,
+                                          "input": "features"}
     assert ckpt["gemini"]["deformer_optimizer_state"]["param_groups"][0]["lr"] == 1e-4  # its own Adam
     assert not any(k.startswith(("deformer", "gemini")) for k in ckpt["network_weights"])
     assert len(ckpt["logging"]["gemini_total"]) == 1 and np.isfinite(ckpt["logging"]["gemini_total"][0])
@@ -663,10 +664,11 @@ def test_checkpoint_from_before_the_deformer_optimizer_resumes(started_trainer, 
 
 
 def test_continue_rebuilds_the_deformer_as_checkpointed(api_env, tmp_path, monkeypatch):
-    """Bug 4 of issue 13: a `gemini_pretrain --deformation displacement` start, trained by
-    nnUNetTrainerGEMINI, resumes (--c) as displacement with the checkpoint's resolution, direction
-    and integration steps (the file is read before initialize() builds the deformer); a contradicting
-    nnUNet_gemini_deformation is refused."""
+    """Bug 4 of issue 13: a `gemini_pretrain --deformation displacement --deformer_input images` start,
+    trained by nnUNetTrainerGEMINI, resumes (--c) as displacement with the checkpoint's resolution,
+    direction, integration steps and input (the file is read before initialize() builds the deformer);
+    a contradicting nnUNet_gemini_deformation or nnUNet_gemini_deformer_input is refused, on --c and on
+    a start that would load the pre-trained deformer (a fresh deformer, transfer=encoder, may differ)."""
     import torch
 
     from nnunet_gemini.checkpoints import atomic_torch_save
@@ -674,12 +676,16 @@ def test_continue_rebuilds_the_deformer_as_checkpointed(api_env, tmp_path, monke
     demo, env = api_env
     run_command([sys.executable, "-m", "nnunet_gemini.pretraining.run_pretraining", "-d", str(demo.dataset_id),
                  "-c", "2d", "-device", "cpu", "--epochs", "1", "--iters_per_epoch", "1", "-np", "1",
-                 "--deformation", "displacement"], dict(env, nnUNet_results=os.environ["nnUNet_results"]))
+                 "--deformation", "displacement", "--deformer_input", "images"],
+                dict(env, nnUNet_results=os.environ["nnUNet_results"]))
     trainer = make_trainer("nnUNetTrainerGEMINI", demo, env)
     trainer.on_train_start()
     try:
-        assert trainer.pretrained_source and trainer.gemini_step.spec() == {
-            "deformation": "displacement", "resolution": "half", "bidirectional": True, "integration_steps": 7}
+        assert trainer.pretrained_deformer_source and trainer.gemini_step.spec() == {
+            "deformation": "displacement", "resolution": "half", "bidirectional": True, "integration_steps": 7,
+            "input": "images"}
+        assert trainer.gemini_deformer.enc0[0].in_channels == 2 * trainer.num_input_channels
+        assert "integration steps, sees the images" in _log_text(trainer)
         trainer.on_train_epoch_end([trainer.train_step(next(trainer.dataloader_train))])
         path = str(tmp_path / "checkpoint_latest.pth")
         trainer.save_checkpoint(path)
@@ -697,7 +703,20 @@ def test_continue_rebuilds_the_deformer_as_checkpointed(api_env, tmp_path, monke
     resumed = make_trainer("nnUNetTrainerGEMINI", demo, env, continue_training=True)
     resumed.load_checkpoint(path)
     assert resumed.gemini_step.spec() == {"deformation": "displacement", "resolution": "full", "bidirectional": True,
-                                          "integration_steps": 5}
+                                          "integration_steps": 5, "input": "images"}
+    monkeypatch.setenv("nnUNet_gemini_deformer_input", "features")
+    with pytest.raises(GeminiUserError, match="sees the images, but nnUNet_gemini_deformer_input=features.*--c / "
+                                              "--val rebuild the deformer as checkpointed"):
+        make_trainer("nnUNetTrainerGEMINI", demo, env, continue_training=True).load_checkpoint(path)
+    with pytest.raises(GeminiUserError, match="sees the images, but nnUNet_gemini_deformer_input=features.*"
+                                              "gemini_pretrain --deformer_input features"):
+        make_trainer("nnUNetTrainerGEMINI", demo, env).initialize()
+    monkeypatch.setenv("nnUNet_gemini_transfer", "encoder")  # a fresh deformer: it may see what the run asks
+    fresh = make_trainer("nnUNetTrainerGEMINI", demo, env)
+    fresh.initialize()
+    assert fresh.gemini_step.spec()["input"] == "features" and fresh.pretrained_deformer_source is None
+    monkeypatch.delenv("nnUNet_gemini_transfer")
+    monkeypatch.delenv("nnUNet_gemini_deformer_input")
     monkeypatch.setenv("nnUNet_gemini_deformation", "diffeomorphic")
     with pytest.raises(GeminiUserError, match="trained with deformation 'displacement', but nnUNet_gemini_"
                                               "deformation=diffeomorphic.*unset nnUNet_gemini_deformation"):

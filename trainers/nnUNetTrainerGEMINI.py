@@ -109,7 +109,7 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         self.gemini_rampup = self.gemini_options.rampup
         from nnunet_gemini.gemini_step import deformer_spec
         # how the deformer is built: the defaults, or the checkpoint's it is loaded from (set before initialize)
-        self.deformer_spec = deformer_spec(self.gemini_options.deformation)
+        self.deformer_spec = deformer_spec(self.gemini_options.deformation, input=self.gemini_options.deformer_input)
         self.gemini_step = None        # -> configure_optimizers (owns the deformer)
         self.gemini_deformer = None    # -> configure_optimizers
         self.deformer_optimizer = None  # -> configure_optimizers
@@ -208,7 +208,7 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
             text += (f"\n  -> deformer: Adam lr {o.deformer_lr:g} (constant, gradients / effective weight), "
                      f"{spec['deformation']}, {spec['resolution']} resolution, "
                      f"{'both directions' if spec['bidirectional'] else 'one direction'}, "
-                     f"{spec['integration_steps']} integration steps\n"
+                     f"{spec['integration_steps']} integration steps, sees the {spec['input']}\n"
                      f"  -> GEMINI weight {self.gemini_weight:g}, ramp-up over {round(o.rampup * total)} iterations")
         return text
 
@@ -260,6 +260,16 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
                                    f"changes meaning.")
             # same weights either way; a displacement needs both directions (no closed-form inverse)
             spec = dict(spec, deformation=chosen, bidirectional=spec["bidirectional"] or chosen == "displacement")
+        if is_set("deformer_input") and self.gemini_options.deformer_input != spec["input"]:
+            if self.gemini_semi_supervised and self.gemini_options.transfer == "all":
+                # weights for another input cannot be loaded: never a silently fresh deformer
+                raise GeminiUserError(
+                    f"{path} holds a deformer that sees the {spec['input']}, but nnUNet_gemini_deformer_input="
+                    f"{self.gemini_options.deformer_input} asks for another: unset it (or set it to {spec['input']}) "
+                    f"to load the pre-trained deformer, set nnUNet_gemini_transfer=encoder to start a fresh "
+                    f"deformer, or pre-train with gemini_pretrain --deformer_input "
+                    f"{self.gemini_options.deformer_input}.")
+            spec = dict(spec, input=self.gemini_options.deformer_input)  # the deformer starts fresh anyway
         self.deformer_spec = spec
         return path, ckpt
 
@@ -589,6 +599,12 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
                 f"{source} was trained with deformation {spec['deformation']!r}, but nnUNet_gemini_deformation="
                 f"{self.gemini_options.deformation} asks for another: --c / --val rebuild the deformer as "
                 f"checkpointed, so unset nnUNet_gemini_deformation (or set it to {spec['deformation']}), or start a "
+                f"new training without --c.")
+        if is_set("deformer_input") and self.gemini_options.deformer_input != spec["input"]:
+            raise GeminiUserError(
+                f"{source} holds a deformer that sees the {spec['input']}, but nnUNet_gemini_deformer_input="
+                f"{self.gemini_options.deformer_input} asks for another: --c / --val rebuild the deformer as "
+                f"checkpointed, so unset nnUNet_gemini_deformer_input (or set it to {spec['input']}), or start a "
                 f"new training without --c.")
         return spec
 

@@ -9,11 +9,12 @@ import os
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from nnunet_gemini.choices import DEFORMATIONS, PAIR_POSITIONS, TRANSFERS
+from nnunet_gemini.choices import DEFAULT_DEFORMER_INPUT, DEFORMATIONS, DEFORMER_INPUTS, PAIR_POSITIONS, TRANSFERS
 from nnunet_gemini.errors import GeminiUserError
 
 PREFIX = "nnUNet_gemini_"
-_CHOICES = {"deformation": DEFORMATIONS, "pair_positions": PAIR_POSITIONS, "transfer": TRANSFERS}
+_CHOICES = {"deformation": DEFORMATIONS, "deformer_input": DEFORMER_INPUTS, "pair_positions": PAIR_POSITIONS,
+            "transfer": TRANSFERS}
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class GeminiRunOptions:
     auto_pretrained: bool = True         # load a gemini_pretrain checkpoint of this dataset/plans/config
     transfer: str = "all"                # what that load takes: all but the seg layers, or the encoder only
     deformation: str = "diffeomorphic"   # deformer output: velocity (diffeomorphic) or displacement
+    deformer_input: str = DEFAULT_DEFORMER_INPUT  # what a fresh deformer sees: features, images or both
     pair_positions: str = "same"         # patches of a pair: same relative position (as designed) or independent
     max_nonfinite: int = 10              # non-finite losses in a row before training stops
     num_epochs: Optional[int] = None     # budget (None: the trainer's own value)
@@ -74,6 +76,7 @@ def _parse(name: str, raw: str, kind):
 
 _KINDS = {"weight": float, "rampup": float, "deformer_lr": float, "lr": float, "warmup": float,
           "unlabeled_batch": int, "auto_pretrained": bool, "transfer": str, "deformation": str,
+          "deformer_input": str,
           "pair_positions": str, "max_nonfinite": int, "num_epochs": int, "iters_per_epoch": int, "val_iters": int,
           "final_validation": bool}
 
