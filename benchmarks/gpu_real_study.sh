@@ -15,6 +15,8 @@
 #   BUDGET="--budget standard --train_epochs 5 --train_iters 250 --val_iters 10 --pretrain_epochs 5 --pretrain_iters 100" \
 #     EXTRA="--methods nnUNetTrainer nnUNetTrainerGEMINIFinetune nnUNetTrainerGEMINI --pretrain_decorrelation 10 \
 #     --pretrain_encoder_decorrelation 10" ...   # every cell at 1250 supervised it from the best start (the CPU's next question)
+#   EXTRA="--methods nnUNetTrainerGEMINIFinetune nnUNetTrainerGEMINI --pretrain_decorrelation 10 \
+#     --pretrain_encoder_decorrelation 10 --pretrain_deformer_input images" ...  # the deformer sees the images
 #   EXTRA="--methods nnUNetTrainerGEMINI --pretrain_length 40" ...  # 4000 pre-training it beside the study's (~6 min on an H200;
 #                                     it continues the study's 500 when that ran in this call: checkpoints do not come back)
 set -u
