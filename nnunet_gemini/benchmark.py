@@ -53,6 +53,7 @@ TRAINER_OF = {"nnUNetTrainer": "nnUNetTrainerEnvBudget"}   # reported name -> tr
 USES_PRETRAINING = {"nnUNetTrainerGEMINI", "nnUNetTrainerGEMINIFinetune"}
 USES_GEMINI_LOSS = {"nnUNetTrainerGEMINI", "nnUNetTrainerGEMINI_NoPretrain"}
 GEMINI_TRAINERS = USES_GEMINI_LOSS | {"nnUNetTrainerGEMINIFinetune"}  # read the nnUNet_gemini_* run options
+FRESH_DEFORMER = {"nnUNetTrainerGEMINI_NoPretrain"}  # its deformer is not loaded from a pre-training
 # ablation flag -> (trainer option it sets, how its row is labelled, the methods it applies to, what it
 # is, its default in the trainers); an ablation's runs are rows of their own, e.g.
 # "nnUNetTrainerGEMINI (weight 0.3, warm-up 0.05 of the run)"
@@ -67,9 +68,9 @@ ABLATIONS = {
     "gemini_deformation": ("nnUNet_gemini_deformation", "deformation {}", GEMINI_TRAINERS,
                            "the deformer's deformation model, and that of the pre-training the runs load",
                            "diffeomorphic"),
-    "gemini_deformer_input": ("nnUNet_gemini_deformer_input", "deformer sees {}", USES_GEMINI_LOSS,
-                              "what a fresh deformer sees of each image (a pre-trained one: its pre-training's)",
-                              "features, as released"),
+    # a pre-trained deformer sees what its pre-training's saw (--pretrain_deformer_input)
+    "gemini_deformer_input": ("nnUNet_gemini_deformer_input", "deformer sees {}", FRESH_DEFORMER,
+                              "what the fresh deformer sees of each image", "features, as released"),
     "gemini_deformer_lr": ("nnUNet_gemini_deformer_lr", "deformer lr {:g}", USES_GEMINI_LOSS,
                            "the deformer's own Adam learning rate", "1e-4, as released"),
     "gemini_lr": ("nnUNet_gemini_lr", "lr {:g}", GEMINI_TRAINERS, "the network's initial SGD learning rate",
@@ -1012,6 +1013,7 @@ def _main(argv=None) -> int:
         p.add_argument(f"--{key}", type=int, default=None, help=f"override the budget's {key.replace('_', ' ')}")
     for flag, (var, label, applies_to, what, default) in ABLATIONS.items():
         who = ("the methods with the GEMINI loss" if applies_to is USES_GEMINI_LOSS else
+               "NoPretrain (the others: --pretrain_deformer_input)" if applies_to is FRESH_DEFORMER else
                "the pre-trainings and the methods that load them" if flag in PRETRAIN_ABLATIONS else
                "the methods that load the pre-training" if applies_to is USES_PRETRAINING else
                "every GEMINI trainer")

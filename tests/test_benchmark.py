@@ -600,3 +600,16 @@ def test_a_reference_run_and_the_studys_run_of_its_cell_keep_logs_of_their_own()
     assert [recorded_run_tag(r) for r in runs] == [plain, reference] and recorded_run_tag(old_reference) == plain
     logs, _ = finished_outputs({"runs": runs})
     assert logs == {f"{kind}_{tag}.log" for kind in ("train", "predict") for tag in (plain, reference)}
+
+
+def test_deformer_input_ablation_rows():
+    """--gemini_deformer_input sets what NoPretrain's fresh deformer sees (a row of its own); the methods
+    that load a pre-training get theirs from it (--pretrain_deformer_input), so their rows stay plain."""
+    from nnunet_gemini.benchmark import method_label, run_tag
+    assert method_label("nnUNetTrainerGEMINI_NoPretrain", gemini_deformer_input="images") == \
+        "nnUNetTrainerGEMINI_NoPretrain (deformer sees images)"
+    assert method_label("nnUNetTrainerGEMINI", gemini_deformer_input="images") == "nnUNetTrainerGEMINI"
+    assert method_label("nnUNetTrainerGEMINI", pretrain_deformer_input="images") == \
+        "nnUNetTrainerGEMINI (pre-training deformer sees images)"
+    assert run_tag("nnUNetTrainerGEMINI_NoPretrain", {"gemini_deformer_input": "images"}, 1, 0, 500) == \
+        "nnUNetTrainerGEMINI_NoPretrain_deformer_inputimages_N1_draw0_500it"
