@@ -17,9 +17,7 @@ steps and at the end: the held-out figure says whether it learns to register or 
 """
 import argparse
 import json
-import time
 
-import numpy as np
 import torch
 
 from nnunet_gemini.choices import DEFORMER_INPUTS
@@ -39,30 +37,14 @@ def main():
     p.add_argument("--json", default=None, help="also write the figures here")
     a = p.parse_args()
     torch.manual_seed(a.seed)
-    from probe_common import checkpoint_and_pool_loader
+    from probe_common import checkpoint_and_pool_loader, fixed_pairs_with_features, train_deformer
 
     from nnunet_gemini.gemini_step import step_from_spec
-    from nnunet_gemini.network import DecoderFeatureTap
 
     model, patch, loader = checkpoint_and_pool_loader(a.checkpoint, a.pool)
-    pairs = []
-    with torch.no_grad(), DecoderFeatureTap(model.network) as tap:
-        for _ in range(a.pairs + a.held_out):
-            batch = next(loader)
-            model.network(torch.cat((batch["a"], batch["b"])).float())
-            f = tap.pop().float()
-            pairs.append((batch["a"].float(), batch["b"].float(), f[:1], f[1:]))
+    pairs = fixed_pairs_with_features(model, loader, a.pairs + a.held_out)
     train, held_out = pairs[:a.pairs], pairs[a.pairs:]
     spec = model.step.spec()
-    def evaluate(step):
-        out = {}
-        with torch.no_grad():
-            for name, group in (("train", train), ("held_out", held_out)):
-                logs = [step(*pair)[1] for pair in group]
-                out[name] = {k: float(np.mean([g[k] for g in logs]))
-                             for k in ("appearance", "ncc", "smoothness", "folding_fraction")}
-        return out
-
     out = {"checkpoint": a.checkpoint, "spec": spec, "pairs": a.pairs, "held_out": a.held_out, "steps": a.steps,
            "lr": a.lr, "eval_every": a.eval_every, "patch": list(patch), "runs": []}
     for what in a.inputs:
@@ -71,28 +53,8 @@ def main():
         # the checkpoint's loss settings for every input
         step.weights, step.ncc_window, step.smoothness_kind = (model.step.weights, model.step.ncc_window,
                                                                model.step.smoothness_kind)
-        start = evaluate(step)
-        opt = torch.optim.Adam(step.deformer.parameters(), lr=a.lr)
-        t0 = time.perf_counter()
-        curve = []
-        for i in range(a.steps):
-            loss, _ = step(*train[i % len(train)])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if a.eval_every and (i + 1) % a.eval_every == 0 and i + 1 < a.steps:
-                curve.append({"step": i + 1, **evaluate(step)})
-                print(f"{what} step {i + 1}: ncc train {curve[-1]['train']['ncc']:.4f}, held-out "
-                      f"{curve[-1]['held_out']['ncc']:.4f}", flush=True)
-        end = evaluate(step)
-        run = {"input": what, "in_channels": step.deformer.enc0[0].in_channels // 2, "start": start, "curve": curve,
-               "end": end, "seconds": round(time.perf_counter() - t0, 1)}
-        out["runs"].append(run)
-        for name in ("train", "held_out"):
-            s0, s1 = start[name], end[name]
-            print(f"{what:8s} {name:8s}: appearance {s0['appearance']:.4f} -> {s1['appearance']:.4f}, ncc "
-                  f"{s0['ncc']:.4f} -> {s1['ncc']:.4f}, smoothness {s1['smoothness']:.5f}, folding "
-                  f"{s1['folding_fraction']:.5f} ({run['seconds']} s)", flush=True)
+        run = train_deformer(step, train, held_out, a.steps, a.lr, a.eval_every, what)
+        out["runs"].append({"input": what, "in_channels": step.deformer.enc0[0].in_channels // 2, **run})
         if a.json:  # after every input: a long probe leaves what it measured
             with open(a.json, "w") as f:
                 json.dump(out, f, indent=2)

@@ -15,9 +15,7 @@ isolates the deformer's optimisation from everything else a pre-training does.
 import argparse
 import copy
 import json
-import time
 
-import numpy as np
 import torch
 
 
@@ -34,60 +32,24 @@ def main():
     p.add_argument("--json", default=None, help="also write the figures here")
     a = p.parse_args()
     torch.manual_seed(a.seed)
-    from probe_common import checkpoint_and_pool_loader
+    from probe_common import checkpoint_and_pool_loader, fixed_pairs_with_features, registration_figures, train_deformer
 
     from nnunet_gemini.gemini_step import step_from_spec
-    from nnunet_gemini.network import DecoderFeatureTap
 
     model, patch, loader = checkpoint_and_pool_loader(a.checkpoint, a.pool)
-    pairs = []
-    with torch.no_grad(), DecoderFeatureTap(model.network) as tap:
-        held = a.pairs if a.held_out is None else a.held_out
-        for _ in range(a.pairs + held):
-            batch = next(loader)
-            model.network(torch.cat((batch["a"], batch["b"])).float())
-            f = tap.pop().float()
-            pairs.append((batch["a"].float(), batch["b"].float(), f[:1], f[1:]))
-
+    held = a.pairs if a.held_out is None else a.held_out
+    pairs = fixed_pairs_with_features(model, loader, a.pairs + held)
     train, held_out = pairs[:a.pairs], pairs[a.pairs:]
-
-    def evaluate(step):
-        out = {}
-        with torch.no_grad():
-            for name, group in (("train", train), ("held_out", held_out)):
-                logs = [step(*pair)[1] for pair in group]
-                out[name] = {k: float(np.mean([g[k] for g in logs]))
-                             for k in ("appearance", "ncc", "smoothness", "folding_fraction")}
-        return out
-
     spec = model.step.spec()
     out = {"checkpoint": a.checkpoint, "spec": spec, "pairs": a.pairs, "held_out": len(held_out), "steps": a.steps,
            "eval_every": a.eval_every, "patch": list(patch),
-           "checkpoint_deformer": evaluate(model.step), "runs": []}
+           "checkpoint_deformer": registration_figures(model.step, {"train": train, "held_out": held_out}),
+           "runs": []}
     print(f"checkpoint's deformer on {a.pairs} + {len(held_out)} pairs: {out['checkpoint_deformer']}", flush=True)
     for lr in a.lrs:
         fresh = step_from_spec(copy.deepcopy(model.network), spec)  # a fresh deformer of the same spec
-        start = evaluate(fresh)
-        opt = torch.optim.Adam(fresh.deformer.parameters(), lr=lr)
-        t0 = time.perf_counter()
-        curve = []
-        for i in range(a.steps):
-            loss, _ = fresh(*train[i % len(train)])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if a.eval_every and (i + 1) % a.eval_every == 0 and i + 1 < a.steps:
-                curve.append({"step": i + 1, **evaluate(fresh)})
-                print(f"lr {lr:g} step {i + 1}: ncc train {curve[-1]['train']['ncc']:.4f}, held-out "
-                      f"{curve[-1]['held_out']['ncc']:.4f}", flush=True)
-        end = evaluate(fresh)
-        run = {"lr": lr, "start": start, "curve": curve, "end": end, "seconds": round(time.perf_counter() - t0, 1)}
-        out["runs"].append(run)
-        for name in ("train", "held_out"):
-            s0, s1 = start[name], end[name]
-            print(f"lr {lr:g} {name:8s}: appearance {s0['appearance']:.4f} -> {s1['appearance']:.4f}, ncc "
-                  f"{s0['ncc']:.4f} -> {s1['ncc']:.4f}, smoothness {s1['smoothness']:.5f}, folding "
-                  f"{s1['folding_fraction']:.5f} ({run['seconds']} s)", flush=True)
+        run = train_deformer(fresh, train, held_out, a.steps, lr, a.eval_every, f"lr {lr:g}")
+        out["runs"].append({"lr": lr, **run})
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)
