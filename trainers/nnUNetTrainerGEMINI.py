@@ -591,21 +591,19 @@ class nnUNetTrainerGEMINI(nnUNetTrainer):
         self._network_fingerprint = _state_fingerprint(self._plain_network())
 
     def _checkpointed_spec(self, ours: dict, source: str) -> dict:
-        """The deformer spec a trainer checkpoint records; nnUNet_gemini_deformation may not contradict it."""
+        """The deformer spec a trainer checkpoint records; nnUNet_gemini_deformation and
+        nnUNet_gemini_deformer_input may not contradict it."""
         from nnunet_gemini.gemini_step import spec_from_checkpoint
         spec = spec_from_checkpoint(ours, where=source)
-        if is_set("deformation") and self.gemini_options.deformation != spec["deformation"]:
-            raise GeminiUserError(
-                f"{source} was trained with deformation {spec['deformation']!r}, but nnUNet_gemini_deformation="
-                f"{self.gemini_options.deformation} asks for another: --c / --val rebuild the deformer as "
-                f"checkpointed, so unset nnUNet_gemini_deformation (or set it to {spec['deformation']}), or start a "
-                f"new training without --c.")
-        if is_set("deformer_input") and self.gemini_options.deformer_input != spec["input"]:
-            raise GeminiUserError(
-                f"{source} holds a deformer that sees the {spec['input']}, but nnUNet_gemini_deformer_input="
-                f"{self.gemini_options.deformer_input} asks for another: --c / --val rebuild the deformer as "
-                f"checkpointed, so unset nnUNet_gemini_deformer_input (or set it to {spec['input']}), or start a "
-                f"new training without --c.")
+        held_as = {"deformation": f"was trained with deformation {spec['deformation']!r}",
+                   "input": f"holds a deformer that sees the {spec['input']}"}
+        for option, key in (("deformation", "deformation"), ("deformer_input", "input")):
+            chosen = getattr(self.gemini_options, option)
+            if is_set(option) and chosen != spec[key]:
+                raise GeminiUserError(
+                    f"{source} {held_as[key]}, but nnUNet_gemini_{option}={chosen} asks for another: --c / --val "
+                    f"rebuild the deformer as checkpointed, so unset nnUNet_gemini_{option} (or set it to "
+                    f"{spec[key]}), or start a new training without --c.")
         return spec
 
     def _load_optimizer_states(self, network_state: dict, deformer_state: Optional[dict], source: str) -> None:
