@@ -142,10 +142,14 @@ def _run_key(run: dict) -> tuple:
     return _label(run), run["n"], run["draw"], run["iterations"], run.get("reference", False)
 
 
+def ablation_value_text(value) -> str:
+    """An ablation value as names and command lines write it: a choice as is, a number in %g."""
+    return value if isinstance(value, str) else format(value, "g")
+
+
 def ablation_suffix(ablation: dict) -> str:
     """The folder and log-name suffix of an ablation's runs or pre-trainings, e.g. "_weight0.3_rampup0.1"."""
-    return "".join(f"_{k.removeprefix('gemini_')}{v if isinstance(v, str) else format(v, 'g')}"
-                   for k, v in ablation.items())
+    return "".join(f"_{k.removeprefix('gemini_')}{ablation_value_text(v)}" for k, v in ablation.items())
 
 
 def run_tag(method: str, ablation: dict, n: int, draw: int, iterations: int, reference: bool = False) -> str:
@@ -466,7 +470,7 @@ class Benchmark:
         cmd += ["--c"] if continued else []
         # --pretrain_length is the --epochs above, not a flag of its own
         cmd += [arg for k, v in self.pretrain_ablation.items() if k != "pretrain_length"
-                for arg in (ABLATIONS[k][0], v if isinstance(v, str) else f"{v:g}")]
+                for arg in (ABLATIONS[k][0], ablation_value_text(v))]
         if deformation != "diffeomorphic" or self.pretrain_ablation:
             cmd += ["-o", str(checkpoint.parent)]
         stage = pretrain_stage(deformation, dataset_name, self.collection_mode, self.pretrain_ablation)
