@@ -1,6 +1,7 @@
 """The torch device a command runs on: one default and one resolver for every -device flag
-(gemini_pretrain, gemini_register, gemini_demo, gemini_benchmark). Importing this module does not
-import torch; default_device() imports it only when called, so a CLI's --help stays cheap."""
+(gemini_pretrain, gemini_register, gemini_demo, gemini_benchmark), and the one way a -num_gpus
+process leaves its process group. Importing this module does not import torch; default_device()
+imports it only when called, so a CLI's --help stays cheap."""
 from typing import TYPE_CHECKING, Optional
 
 from nnunet_gemini.errors import GeminiUserError
@@ -47,3 +48,14 @@ def resolve_device(name: Optional[str] = None, local_rank: int = 0) -> "torch.de
             raise _refuse(name, "MPS is not available here", "use -device cpu")
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def end_process_group(finished: bool) -> None:
+    """Leave the default process group. After a finished run every rank first waits for the others:
+    a rank that destroys the group, or exits, while a peer's gloo threads still talk to it aborted a
+    2-process CPU run with "terminate called without an active exception". After an error no barrier
+    (a failed peer would never reach it)."""
+    import torch.distributed as dist
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()

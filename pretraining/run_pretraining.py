@@ -26,6 +26,7 @@ from dataclasses import asdict
 from typing import Optional
 
 from nnunet_gemini.choices import DEFORMATIONS, DEFORMER_INPUTS, PRETRAIN_DEFAULTS, RESTORATION_MODES
+from nnunet_gemini.devices import end_process_group
 from nnunet_gemini.errors import GeminiUserError, run_cli
 
 
@@ -173,14 +174,16 @@ def _spawned_rank(rank: int, world_size: int, options_dict: dict, port: int) -> 
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     if options.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    finished = False
     try:
         _train(options, rank, world_size, local_rank=rank)
+        finished = True
     except GeminiUserError as e:
         if rank == 0:
             print(f"ERROR: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2)
     finally:
-        dist.destroy_process_group()
+        end_process_group(finished)
 
 
 def _torchrun_env() -> Optional[tuple]:
@@ -202,11 +205,13 @@ def _main(argv=None) -> int:
                 _preflight(options, world_size)
         # the other ranks wait here until rank 0 joins (after its preparation)
         dist.init_process_group("nccl" if options.device == "cuda" else "gloo", init_method="env://")
+        finished = False
         try:
             if not args.preprocess_only:
                 _train(options, rank, world_size, local_rank)
+            finished = True
         finally:
-            dist.destroy_process_group()
+            end_process_group(finished)
         return 0
     preprocess(options)
     if args.preprocess_only:

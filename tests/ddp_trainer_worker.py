@@ -14,6 +14,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from nnunet_gemini.devices import end_process_group
+
 
 def main(dataset: str, configuration: str, trainer_name: str, out_dir: str) -> None:
     dist.init_process_group("gloo")
@@ -36,7 +38,7 @@ def main(dataset: str, configuration: str, trainer_name: str, out_dir: str) -> N
                 "batch_size": trainer.batch_size,
                 "output_folder": trainer.output_folder},
                os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
-    dist.destroy_process_group()
+    end_process_group(finished=True)
 
 
 if __name__ == "__main__":

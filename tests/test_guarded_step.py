@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from nnunet_gemini.devices import end_process_group
 from nnunet_gemini.errors import GeminiUserError
 from nnunet_gemini.guarded_step import (
     GRAD_CLIP,
@@ -169,6 +170,7 @@ def test_limit_zero_stops_at_the_first_nonfinite_loss():
 def _rank(rank: int, init_file: str, out_file: str) -> None:
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    finished = False
     try:
         torch.manual_seed(0)
         net = torch.nn.Linear(2, 1)
@@ -183,8 +185,10 @@ def _rank(rank: int, init_file: str, out_file: str) -> None:
             guard.record(finite, iteration)
             seen.append(finite)
         torch.save({"seen": seen, "total": guard.total, "weight": net.weight.detach().clone()}, f"{out_file}.{rank}")
+        del model, opt  # DDP's reducer goes before the group it talks through
+        finished = True
     finally:
-        dist.destroy_process_group()
+        end_process_group(finished)
 
 
 def test_all_ranks_skip_together_when_one_rank_is_nonfinite(tmp_path):
