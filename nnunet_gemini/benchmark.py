@@ -991,7 +991,8 @@ def _plot(table, refs, ns, path: Path, results: dict) -> None:
     title = f"{results.get('dataset')}, budget {results.get('budget')}, {results.get('device')}"
     ax.set_title(textwrap.fill(title, 80), fontsize=8)  # budget overrides make it long: wrap, never clip
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[1]:  # a study with no scored run yet plots empty axes, no legend
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
