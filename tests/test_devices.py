@@ -1,8 +1,9 @@
-"""nnunet_gemini.devices: the one default and the one resolver of every -device flag."""
+"""nnunet_gemini.devices: the one default and the one resolver of every -device flag, and how a
+-num_gpus process leaves its process group."""
 import pytest
 import torch
 
-from nnunet_gemini.devices import default_device, resolve_device
+from nnunet_gemini.devices import default_device, end_process_group, resolve_device
 from nnunet_gemini.errors import GeminiUserError
 
 
@@ -28,3 +29,13 @@ def test_a_rank_beyond_the_visible_gpus_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(GeminiUserError, match=r"process 1 needs GPU 1 but 1 CUDA device\(s\) are visible"):
         resolve_device("cuda", local_rank=1)
+
+
+@pytest.mark.parametrize("finished, calls", [(True, ["barrier", "destroy"]), (False, ["destroy"])])
+def test_a_process_leaves_its_group_in_step_only_after_a_finished_run(monkeypatch, finished, calls):
+    import torch.distributed as dist
+    seen = []
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: seen.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: seen.append("destroy"))
+    end_process_group(finished)
+    assert seen == calls  # after an error a barrier would wait for a peer that never comes
