@@ -328,6 +328,24 @@ class Benchmark:
     def _finished(self, key: tuple) -> Optional[dict]:
         return next((r for r in self.results["runs"] if _run_key(r) == key), None)
 
+    def _same_training(self, key: tuple) -> Optional[dict]:
+        """A stock nnUNetTrainer run and its --reference_iters twin (same cell, same length) are one
+        training: when either is finished the other is recorded from it, marked, with no time of its own."""
+        label, n, draw, iterations, reference = key
+        source = self._finished((label, n, draw, iterations, not reference)) if label == "nnUNetTrainer" else None
+        if source is None:
+            return None
+        twin = dict(source, reference=reference, results_root=run_results_root(source),
+                    log_tag=recorded_run_tag(source), same_run_as=recorded_run_tag(source),
+                    train_seconds=0.0, predict_seconds=0.0, wall_seconds=0.0,
+                    finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        with self._lock:
+            self.results["runs"].append(twin)
+            self._save()
+        print(f"[gemini_benchmark] {label} N={n} draw={draw} ({iterations} it): the same training as "
+              f"{twin['same_run_as']}, recorded again", flush=True)
+        return twin
+
     # ------------------------------------------------------------------ datasets
     def _plan(self, dataset_name: str) -> dict:
         """The dataset's plans, planned and preprocessed by nnU-Net's own planner when not yet."""
@@ -587,6 +605,9 @@ class Benchmark:
         done = self._finished(key)
         if done is not None:
             print(f"[gemini_benchmark] done already: {label} N={n} draw={draw} ({iterations} it)", flush=True)
+            return done
+        done = self._same_training(key)
+        if done is not None:
             return done
         cell = self.cells[(n, draw)]
         trainer = TRAINER_OF.get(method, method)
@@ -1030,7 +1051,8 @@ def _main(argv=None) -> int:
                        help=f"ablation: {var} ({what}) for {who}; their runs are rows of their own, labelled "
                             f"'{label.split(' {')[0]} ...'. Default: {whose} ({default})")
     p.add_argument("--reference_iters", type=int, default=None, metavar="K",
-                   help="one extra nnUNetTrainer run per N (draw 0) with about K supervised iterations")
+                   help="one extra nnUNetTrainer run per N (draw 0) with about K supervised iterations (the study's "
+                        "nnUNetTrainer run of that cell and length is the same training, recorded from it)")
     p.add_argument("--registration", choices=("both", *DEFORMATIONS, "none"), default=None,
                    help="registration quality of the pre-trained deformer: both deformation models (a "
                         "pre-training of each), one of them, or none. Default: both on -d (ordered test pairs); "

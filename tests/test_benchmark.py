@@ -167,15 +167,16 @@ def test_a_run_of_another_length_keeps_the_finished_runs_model(tiny_study):
     stamp = checkpoint.stat().st_mtime_ns, checkpoint.read_bytes()
     cmd = [a for a in tiny_study["cmd"] if a != "nnUNetTrainerGEMINI_NoPretrain"]
     cmd[cmd.index("--train_iters") + 1] = "2"
-    # with a reference of the same length: two nnUNetTrainer runs of one cell, each with its own logs
-    run_command(cmd + ["--reference_iters", "2"], env, timeout=900)
+    # with a reference of the same length: one training, recorded as the study's run and as the reference
+    second = run_command(cmd + ["--reference_iters", "2"], env, timeout=900)
     runs = json.loads((out / "results.json").read_text())["runs"]
     new, reference = sorted(runs[len(before):], key=lambda r: r["reference"])
     assert (new["method"], new["iterations"], new["results_root"]) == ("nnUNetTrainer", 2, "nnUNet_results_2it")
     assert (reference["method"], reference["iterations"], reference["reference"]) == ("nnUNetTrainer", 2, True)
-    assert reference["log_tag"] == new["log_tag"] + "_reference"
-    for run in (new, reference):
-        assert (out / "logs" / f"train_{run['log_tag']}.log").is_file()
+    assert second.stdout.count("] train_nnUNetTrainer_") == 1 and "the same training as" in second.stdout
+    assert reference["same_run_as"] == reference["log_tag"] == new["log_tag"] and reference["wall_seconds"] == 0
+    assert (reference["dice_mean"], reference["results_root"]) == (new["dice_mean"], new["results_root"])
+    assert (out / "logs" / f"train_{new['log_tag']}.log").is_file()
     assert (run_folder(out / "nnUNet_results_2it", new["dataset"], new["trainer"], new["fold"]) /
             "checkpoint_final.pth").is_file()
     assert (checkpoint.stat().st_mtime_ns, checkpoint.read_bytes()) == stamp
@@ -600,6 +601,28 @@ def test_a_reference_run_and_the_studys_run_of_its_cell_keep_logs_of_their_own()
     assert [recorded_run_tag(r) for r in runs] == [plain, reference] and recorded_run_tag(old_reference) == plain
     logs, _ = finished_outputs({"runs": runs})
     assert logs == {f"{kind}_{tag}.log" for kind in ("train", "predict") for tag in (plain, reference)}
+
+
+def test_a_study_run_of_a_references_cell_and_length_is_recorded_from_it_not_trained_again(tmp_path):
+    """A --reference_iters run finished in an earlier call: the study's nnUNetTrainer run of that cell and
+    length is the same training, recorded from it (no time of its own); other methods and lengths are not."""
+    import threading
+
+    from nnunet_gemini.benchmark import Benchmark, _run_key
+    bench = Benchmark.__new__(Benchmark)
+    bench._lock, bench._save = threading.Lock(), lambda: None
+    reference = {"method": "nnUNetTrainer", "label": "nnUNetTrainer", "trainer": "nnUNetTrainerEnvBudget", "n": 2,
+                 "draw": 0, "iterations": 1250, "reference": True, "dataset": "Dataset903_X", "fold": "all",
+                 "dice_mean": 0.79, "selection": {"dice_mean": 0.82}, "train_seconds": 900.0, "wall_seconds": 1000.0}
+    bench.results = {"runs": [reference]}
+    assert bench._same_training(("nnUNetTrainer", 2, 0, 500, False)) is None  # another length
+    assert bench._same_training(("nnUNetTrainerGEMINI", 2, 0, 1250, False)) is None  # another method
+    twin = bench._same_training(("nnUNetTrainer", 2, 0, 1250, False))
+    assert bench.results["runs"] == [reference, twin] and _run_key(twin) == ("nnUNetTrainer", 2, 0, 1250, False)
+    assert (twin["dice_mean"], twin["selection"], twin["wall_seconds"]) == (0.79, {"dice_mean": 0.82}, 0.0)
+    assert twin["results_root"] == "nnUNet_results_reference"  # where its checkpoint lies
+    assert twin["same_run_as"] == twin["log_tag"] == "nnUNetTrainer_N2_draw0_1250it"  # an older record's plain tag
+    assert bench._finished(_run_key(twin)) is twin
 
 
 def test_deformer_input_ablation_rows():
