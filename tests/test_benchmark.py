@@ -609,12 +609,13 @@ def test_a_study_run_of_a_references_cell_and_length_is_recorded_from_it_not_tra
     length is the same training, recorded from it (no time of its own); other methods and lengths are not."""
     import threading
 
-    from nnunet_gemini.benchmark import Benchmark, _run_key
+    from nnunet_gemini.benchmark import Benchmark, _budget_lines, _run_key
     bench = Benchmark.__new__(Benchmark)
     bench._lock, bench._save = threading.Lock(), lambda: None
     reference = {"method": "nnUNetTrainer", "label": "nnUNetTrainer", "trainer": "nnUNetTrainerEnvBudget", "n": 2,
                  "draw": 0, "iterations": 1250, "reference": True, "dataset": "Dataset903_X", "fold": "all",
-                 "dice_mean": 0.79, "selection": {"dice_mean": 0.82}, "train_seconds": 900.0, "wall_seconds": 1000.0}
+                 "dice_mean": 0.79, "dice_per_structure": {"label_1": 0.79}, "dice_per_case": {"c": 0.79},
+                 "selection": {"dice_mean": 0.82}, "train_seconds": 900.0, "wall_seconds": 1000.0}
     bench.results = {"runs": [reference]}
     assert bench._same_training(("nnUNetTrainer", 2, 0, 500, False)) is None  # another length
     assert bench._same_training(("nnUNetTrainerGEMINI", 2, 0, 1250, False)) is None  # another method
@@ -624,6 +625,10 @@ def test_a_study_run_of_a_references_cell_and_length_is_recorded_from_it_not_tra
     assert twin["results_root"] == "nnUNet_results_reference"  # where its checkpoint lies
     assert twin["same_run_as"] == twin["log_tag"] == "nnUNetTrainer_N2_draw0_1250it"  # an older record's plain tag
     assert bench._finished(_run_key(twin)) is twin
+    # the report's wall time per run counts the trained run only
+    study = dict(reference, reference=False, n=2, draw=1, wall_seconds=600.0)
+    table = "\n".join(_budget_lines({"runs": [reference, twin, study]}, ["nnUNetTrainer"], [2], 1250, []))
+    assert "| nnUNetTrainer | 0.790 ± 0.000 (2) | 600 |" in table
 
 
 def test_deformer_input_ablation_rows():
