@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from nnunet_gemini.atomic import write_json_atomic
-from nnunet_gemini.choices import DEFORMATIONS, DEFORMER_INPUTS, PAIR_POSITIONS, TRANSFERS
+from nnunet_gemini.choices import DEFORMATIONS, DEFORMER_INPUTS, PAIR_POSITIONS, RELEASED_DECORRELATION, TRANSFERS
 from nnunet_gemini.datasets import dataset_id_of
 from nnunet_gemini.errors import GeminiUserError, run_cli
 from nnunet_gemini.workflow import StageRunner, default_device, nnunet_folders, project_revision, score_predictions
@@ -82,10 +82,11 @@ ABLATIONS = {
                         "all"),
     # a gemini_pretrain flag, not a trainer option: the call's pre-trainings run with it, under their own key
     "pretrain_decorrelation": ("--decorrelation", "pre-training decorrelation {:g}", USES_PRETRAINING,
-                               "gemini_pretrain's weight W of the features' decorrelation term", "0, as released"),
+                               "gemini_pretrain's weight W of the features' decorrelation term",
+                               "0; gemini_pretrain's own default is 10"),
     "pretrain_encoder_decorrelation": ("--encoder_decorrelation", "pre-training encoder decorrelation {:g}",
                                        USES_PRETRAINING, "gemini_pretrain's weight W of the decorrelation term "
-                                       "on the encoder stages", "0, as released"),
+                                       "on the encoder stages", "0; gemini_pretrain's own default is 10"),
     "pretrain_restoration_weight": ("--restoration_weight", "pre-training restoration weight {:g}", USES_PRETRAINING,
                                     "gemini_pretrain's weight W of the restoration MSE", "100, as released"),
     "pretrain_lr": ("--lr", "pre-training lr {:g}", USES_PRETRAINING,
@@ -486,8 +487,11 @@ class Benchmark:
                "-device", self.device, "--epochs", str(self.pretrain_epochs),
                "--iters_per_epoch", str(self.budget["pretrain_iters"]), "--deformation", deformation]
         cmd += ["--c"] if continued else []
-        # --pretrain_length is the --epochs above, not a flag of its own
-        cmd += [arg for k, v in self.pretrain_ablation.items() if k != "pretrain_length"
+        # the released decorrelation weights unless this call sets them, so a study's plain rows mean the
+        # released pre-training whatever gemini_pretrain's defaults (ours decorrelate); --pretrain_length is
+        # the --epochs above, not a flag of its own
+        flags = {**{f"pretrain_{k}": v for k, v in RELEASED_DECORRELATION.items()}, **self.pretrain_ablation}
+        cmd += [arg for k, v in flags.items() if k != "pretrain_length"
                 for arg in (ABLATIONS[k][0], ablation_value_text(v))]
         if deformation != "diffeomorphic" or self.pretrain_ablation:
             cmd += ["-o", str(checkpoint.parent)]
@@ -1044,7 +1048,8 @@ def _main(argv=None) -> int:
                "the pre-trainings and the methods that load them" if flag in PRETRAIN_ABLATIONS else
                "the methods that load the pre-training" if applies_to is USES_PRETRAINING else
                "every GEMINI trainer")
-        whose = "gemini_pretrain's" if flag in PRETRAIN_ABLATIONS else "the trainers'"
+        whose = ("the released loss's" if flag.replace("pretrain_", "", 1) in RELEASED_DECORRELATION else
+                 "gemini_pretrain's" if flag in PRETRAIN_ABLATIONS else "the trainers'")
         kind = dict(choices=CHOICE_ABLATIONS[flag]) if flag in CHOICE_ABLATIONS else \
             dict(type=int, metavar="E") if flag in INTEGER_ABLATIONS else \
             dict(type=float, metavar="S" if "share" in what else "W" if "weight" in what else "LR")

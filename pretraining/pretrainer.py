@@ -137,8 +137,9 @@ class PretrainModel(nn.Module):
     single DDP wrapper covers every trained parameter and every forward goes through it."""
 
     def __init__(self, network: nn.Module, gemini: GeminiStep, restoration_head: Optional[nn.Module],
-                 decorrelation: float = 0.0, restoration_weight: float = PRETRAIN_DEFAULTS["restoration_weight"],
-                 encoder_decorrelation: float = 0.0):
+                 decorrelation: float = PRETRAIN_DEFAULTS["decorrelation"],
+                 restoration_weight: float = PRETRAIN_DEFAULTS["restoration_weight"],
+                 encoder_decorrelation: float = PRETRAIN_DEFAULTS["encoder_decorrelation"]):
         super().__init__()
         self.network = network
         self.gemini = gemini

@@ -83,11 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restoration_weight", type=float, default=PRETRAIN_DEFAULTS["restoration_weight"],
                    help="weight W of the restoration MSE (100, as released; --no_restoration turns the task off)")
     p.add_argument("--decorrelation", type=float, default=PRETRAIN_DEFAULTS["decorrelation"],
-                   help="weight of a decorrelation term on the features' channels (0: off, as released; "
-                        "GSS has no negatives, so without it the features may collapse into few dimensions)")
+                   help="weight of a decorrelation term on the features' channels (ours; 0: off, as released: "
+                        "GSS has no negatives, and without it the features collapse into few dimensions)")
     p.add_argument("--encoder_decorrelation", type=float, default=PRETRAIN_DEFAULTS["encoder_decorrelation"],
                    help="weight of the same term on every encoder stage's output, averaged over the stages "
-                        "(0: off, as released)")
+                        "(ours; 0: off, as released)")
     p.add_argument("--preprocess_only", action="store_true", help="stop after preprocessing the pool")
     p.add_argument("--strict", action="store_true",
                    help="unreadable or non-finite pool images are errors instead of skipped cases")

@@ -439,7 +439,7 @@ def test_pretraining_ablation_passes_its_flag_to_gemini_pretrain(key, flag, labe
     commands = _fake_pretrain_runs(bench, checkpoint, b"x", 1.0)
     record = bench.pretrain("diffeomorphic", name)
     ((_, cmd),) = commands
-    assert cmd[cmd.index(flag) + 1] == shown and "--decorrelation" not in cmd
+    assert cmd[cmd.index(flag) + 1] == shown and cmd[cmd.index("--decorrelation") + 1] == "0"  # the released weight
     assert record[key] == value
     assert bench._pretraining_key("diffeomorphic", name).endswith(f"(pre-training {label} {shown})")
 
@@ -464,7 +464,9 @@ def test_pretraining_length_ablation_runs_beside_the_budgets_pretraining(tmp_pat
     commands = _fake_pretrain_runs(bench, checkpoint, b"long", 1.0)
     record = bench.pretrain("diffeomorphic", name)
     ((_, cmd),) = commands
-    assert cmd.count("--epochs") == 1 and cmd[cmd.index("--epochs") + 1] == "20" and "--decorrelation" not in cmd
+    assert cmd.count("--epochs") == 1 and cmd[cmd.index("--epochs") + 1] == "20"
+    # unset, the decorrelation weights are the released 0, not gemini_pretrain's defaults (a plain row's meaning)
+    assert cmd[cmd.index("--decorrelation") + 1] == "0" and cmd[cmd.index("--encoder_decorrelation") + 1] == "0"
     assert record["iterations"] == 40 and record["pretrain_length"] == 20
     assert standard.results["pretraining"][standard._pretraining_key("diffeomorphic", name)] == budget_record
     assert bench.pretrain("diffeomorphic", name) is record and len(commands) == 1

@@ -130,7 +130,8 @@ def test_resume_continues_at_the_right_epoch_with_optimizer_state(demo, tmp_path
                                  "-o", out], demo["env"])
     # a changed recipe flag is allowed but named; an unchanged one is not
     assert "WARNING: --c: this call changes the recipe" in resumed.stderr, resumed.stderr[-3000:]
-    assert "--decorrelation 0.0 -> 0.5" in resumed.stderr and "--lr" not in resumed.stderr
+    assert "--decorrelation 10.0 -> 0.5" in resumed.stderr and "--lr" not in resumed.stderr
+    assert "--encoder_decorrelation" not in resumed.stderr
     newest = max(glob.glob(os.path.join(out, "training_log_*.txt")), key=os.path.getmtime)
     text = open(newest).read()
     assert "Resumed from" in text and "1 epoch(s), 2 iteration(s) done" in text
@@ -200,12 +201,12 @@ def test_short_run_learns_on_a_fixed_pair(in_process_env, tmp_path):
 
 def test_decorrelation_term_is_logged_always_and_trained_only_with_its_weight(in_process_env, tmp_path):
     """--decorrelation W adds W x decorrelation_loss(features of the pair) to the step's loss; at 0
-    (the default, as released) the figure is only logged and the loss is the GEMINI + restoration one."""
+    (as released) the figure is only logged and the loss is the GEMINI + restoration one."""
     from nnunet_gemini.losses import decorrelation_loss
     losses = {}
     for weight in (0.0, 2.0):
         torch.manual_seed(0)
-        t = _trainer(tmp_path / str(weight), restoration=False, decorrelation=weight)
+        t = _trainer(tmp_path / str(weight), restoration=False, decorrelation=weight, encoder_decorrelation=0.0)
         batch = _fixed_pair(t)
         loss, logs = t.model(batch["a"], batch["b"])
         with torch.no_grad():
@@ -227,11 +228,11 @@ def test_decorrelation_term_is_logged_always_and_trained_only_with_its_weight(in
 def test_encoder_decorrelation_is_the_mean_over_encoder_stages_and_trains_only_with_its_weight(in_process_env,
                                                                                                 tmp_path):
     """--encoder_decorrelation W adds W x the mean decorrelation_loss of the pair's encoder stage outputs;
-    at 0 (the default, as released) it is only logged. Its gradient reaches the encoder, not the decoder."""
+    at 0 (as released) it is only logged. Its gradient reaches the encoder, not the decoder."""
     from nnunet_gemini.losses import decorrelation_loss
     for weight in (0.0, 3.0):
         torch.manual_seed(0)
-        t = _trainer(tmp_path / str(weight), restoration=False, encoder_decorrelation=weight)
+        t = _trainer(tmp_path / str(weight), restoration=False, decorrelation=0.0, encoder_decorrelation=weight)
         batch = _fixed_pair(t)
         outputs = []
         hooks = [s.register_forward_hook(lambda m, i, o: outputs.append(o.detach()))
@@ -253,6 +254,23 @@ def test_encoder_decorrelation_is_the_mean_over_encoder_stages_and_trains_only_w
             assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if n.startswith("decoder."))
             t.log_options()
             assert "decorrelation weight 0, on the encoder 3;" in open(t.logger.log_file).read()
+
+
+def test_default_pretraining_decorrelates_the_features_and_the_encoder_stages(in_process_env, tmp_path):
+    """gemini_pretrain's defaults are ours, not the released 0: both decorrelation terms in the loss at
+    weight 10 (chosen on the real-data selection set, docs/design.md), from the CLI and the API alike."""
+    from nnunet_gemini.pretraining.run_pretraining import build_parser, options_from_args
+    options = options_from_args(build_parser().parse_args(["-d", "1"]))
+    assert (options.decorrelation, options.encoder_decorrelation) == (10.0, 10.0)
+    torch.manual_seed(0)
+    t = _trainer(tmp_path, restoration=False)
+    batch = _fixed_pair(t)
+    loss, logs = t.model(batch["a"], batch["b"])
+    expected = float(logs["total"]) + 10.0 * float(logs["decorrelation"]) + 10.0 * float(logs["encoder_decorrelation"])
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+    assert float(loss.detach()) > float(logs["total"]) + 1e-3  # the terms are in the loss, not only logged
+    t.log_options()
+    assert "decorrelation weight 10, on the encoder 10;" in open(t.logger.log_file).read()
 
 
 class _NoGemini(torch.nn.Module):
@@ -281,7 +299,7 @@ def test_restoration_weight_scales_only_the_restoration_term(in_process_env, tmp
     seen = {}
     for weight in (100.0, 7.0):
         torch.manual_seed(0)
-        t = _trainer(tmp_path / str(weight), restoration_weight=weight)
+        t = _trainer(tmp_path / str(weight), restoration_weight=weight, decorrelation=0.0, encoder_decorrelation=0.0)
         batch = _fixed_pair(t)
         damaged, target = 0.5 * batch["a"], batch["a"]
         loss, logs = t.model(batch["a"], batch["b"], damaged, target)
