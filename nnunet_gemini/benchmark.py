@@ -31,7 +31,14 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from nnunet_gemini.atomic import write_json_atomic
-from nnunet_gemini.choices import DEFORMATIONS, DEFORMER_INPUTS, PAIR_POSITIONS, RELEASED_DECORRELATION, TRANSFERS
+from nnunet_gemini.choices import (
+    DEFORMATIONS,
+    DEFORMER_INPUTS,
+    PAIR_POSITIONS,
+    PRETRAIN_DEFAULTS,
+    RELEASED_DECORRELATION,
+    TRANSFERS,
+)
 from nnunet_gemini.datasets import dataset_id_of
 from nnunet_gemini.errors import GeminiUserError, run_cli
 from nnunet_gemini.workflow import StageRunner, default_device, nnunet_folders, project_revision, score_predictions
@@ -57,6 +64,7 @@ FRESH_DEFORMER = {"nnUNetTrainerGEMINI_NoPretrain"}  # its deformer is not loade
 # ablation flag -> (trainer option it sets, how its row is labelled, the methods it applies to, what it
 # is, its default in the trainers); an ablation's runs are rows of their own, e.g.
 # "nnUNetTrainerGEMINI (weight 0.3, warm-up 0.05 of the run)"
+RELEASED_NOT_DEFAULT = "0; gemini_pretrain's own default is {:g}"  # the benchmark's decorrelation weights
 ABLATIONS = {
     "gemini_weight": ("nnUNet_gemini_weight", "weight {:g}", USES_GEMINI_LOSS, "the GEMINI loss weight W", "1.0"),
     "gemini_rampup": ("nnUNet_gemini_rampup", "ramp-up {:g} of the run", USES_GEMINI_LOSS,
@@ -83,10 +91,11 @@ ABLATIONS = {
     # a gemini_pretrain flag, not a trainer option: the call's pre-trainings run with it, under their own key
     "pretrain_decorrelation": ("--decorrelation", "pre-training decorrelation {:g}", USES_PRETRAINING,
                                "gemini_pretrain's weight W of the features' decorrelation term",
-                               "0; gemini_pretrain's own default is 10"),
+                               RELEASED_NOT_DEFAULT.format(PRETRAIN_DEFAULTS["decorrelation"])),
     "pretrain_encoder_decorrelation": ("--encoder_decorrelation", "pre-training encoder decorrelation {:g}",
                                        USES_PRETRAINING, "gemini_pretrain's weight W of the decorrelation term "
-                                       "on the encoder stages", "0; gemini_pretrain's own default is 10"),
+                                       "on the encoder stages",
+                                       RELEASED_NOT_DEFAULT.format(PRETRAIN_DEFAULTS["encoder_decorrelation"])),
     "pretrain_restoration_weight": ("--restoration_weight", "pre-training restoration weight {:g}", USES_PRETRAINING,
                                     "gemini_pretrain's weight W of the restoration MSE", "100, as released"),
     "pretrain_lr": ("--lr", "pre-training lr {:g}", USES_PRETRAINING,
@@ -101,6 +110,8 @@ ABLATIONS = {
                         "gemini_pretrain's number of epochs E (of --pretrain_iters iterations each)",
                         "the budget's --pretrain_epochs"),
 }
+# the released pre-training's decorrelation weights, as this call's flags: a plain row's pre-training
+RELEASED_PRETRAIN_FLAGS = {f"pretrain_{k}": v for k, v in RELEASED_DECORRELATION.items()}
 PRETRAIN_ABLATIONS = {"pretrain_decorrelation", "pretrain_encoder_decorrelation", "pretrain_restoration_weight",
                       "pretrain_lr", "pretrain_deformer_lr", "pretrain_deformer_input", "pretrain_length"}
 INTEGER_ABLATIONS = {"pretrain_length"}
@@ -490,7 +501,7 @@ class Benchmark:
         # the released decorrelation weights unless this call sets them, so a study's plain rows mean the
         # released pre-training whatever gemini_pretrain's defaults (ours decorrelate); --pretrain_length is
         # the --epochs above, not a flag of its own
-        flags = {**{f"pretrain_{k}": v for k, v in RELEASED_DECORRELATION.items()}, **self.pretrain_ablation}
+        flags = {**RELEASED_PRETRAIN_FLAGS, **self.pretrain_ablation}
         cmd += [arg for k, v in flags.items() if k != "pretrain_length"
                 for arg in (ABLATIONS[k][0], ablation_value_text(v))]
         if deformation != "diffeomorphic" or self.pretrain_ablation:
@@ -1048,7 +1059,7 @@ def _main(argv=None) -> int:
                "the pre-trainings and the methods that load them" if flag in PRETRAIN_ABLATIONS else
                "the methods that load the pre-training" if applies_to is USES_PRETRAINING else
                "every GEMINI trainer")
-        whose = ("the released loss's" if flag.replace("pretrain_", "", 1) in RELEASED_DECORRELATION else
+        whose = ("the released loss's" if flag in RELEASED_PRETRAIN_FLAGS else
                  "gemini_pretrain's" if flag in PRETRAIN_ABLATIONS else "the trainers'")
         kind = dict(choices=CHOICE_ABLATIONS[flag]) if flag in CHOICE_ABLATIONS else \
             dict(type=int, metavar="E") if flag in INTEGER_ABLATIONS else \
