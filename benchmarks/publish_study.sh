@@ -3,7 +3,8 @@
 # results.{json,md,png}, logs/, and per run or pre-training the training logs and progress plots (runs/).
 # Never the datasets, predictions or checkpoints (a CC-BY-SA collection's derivatives stay out of the
 # repository). A run's or pre-training's logs and plots are copied once results.json records it finished
-# (not while it runs or after it was killed), and of a run only the training logs its finished attempt wrote;
+# (not while it runs or after it was killed), and of a run or pre-training only the training logs its
+# finished attempt left in its folder (not those of a rerun still going there);
 # the preparing stages' logs always. Run it with the project installed.
 #   benchmarks/publish_study.sh /scratch/study DEST   # DEST: a folder under the docs results folder
 set -eu

@@ -259,8 +259,13 @@ def finished_outputs(results: dict) -> tuple:
         ablation = recorded_ablation(record, PRETRAIN_ABLATIONS)
         stage = pretrain_stage(record["deformation"], record["dataset"], collection_mode, ablation)
         logs.add(f"{stage}{attempt_suffix(record.get('attempt', 0))}.log")
-        folders[pretrain_folder(record["deformation"], record["dataset"], collection_mode, ablation,
-                                "nnUNet_results", "")] = None  # a resumed pre-training's logs are all its own
+        folder = pretrain_folder(record["deformation"], record["dataset"], collection_mode, ablation,
+                                 "nnUNet_results", "")
+        # the logs in its folder when it finished (a resumed run's are all its own); not those of a rerun
+        # still going in the same folder. Records from before they named them: all
+        own = set(record["training_logs"]) if "training_logs" in record else None
+        seen = folders.get(folder, set())
+        folders[folder] = None if own is None or seen is None else seen | own
     return logs, folders
 
 
@@ -528,6 +533,7 @@ class Benchmark:
         record = {"deformation": deformation, "dataset": dataset_name, "checkpoint": str(checkpoint),
                   "iterations": iterations, "seconds": round(seconds + continued.get("resumed_seconds", 0.0), 1),
                   "device": self.device, "revision": self.revision,
+                  "training_logs": sorted(training_logs_in(checkpoint.parent)),
                   **self.pretrain_ablation, **({"attempt": attempt} if attempt else {}), **continued}
         self.results["pretraining"][key] = record
         self._save()

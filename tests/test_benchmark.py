@@ -367,7 +367,7 @@ def test_pretraining_ablation_has_its_own_key_checkpoint_command_and_rows(tmp_pa
     assert cmd[cmd.index("--decorrelation") + 1] == "10" and cmd[cmd.index("-o") + 1] == str(checkpoint.parent)
     assert stage == checkpoint.parent.name and record["pretrain_decorrelation"] == 10.0
     assert finished_outputs({"runs": [], "pretraining": bench.results["pretraining"], "collection": {}}) == \
-        ({f"{stage}.log"}, {stage: None})
+        ({f"{stage}.log"}, {stage: set(record["training_logs"])})
     standard = _pretraining_benchmark(tmp_path / "study", {})  # the one the trainers find, in nnUNet_results
     plain = {"deformation": "diffeomorphic", "dataset": name}
     assert finished_outputs({"runs": [], "pretraining": {"k": plain}, "collection": {}}) == \
@@ -551,8 +551,10 @@ def test_a_rerun_pretraining_is_a_new_attempt_and_keeps_the_one_it_replaces(tmp_
     checkpoint = bench._pretrain_checkpoint("diffeomorphic", name)
     checkpoint.parent.mkdir(parents=True)
     (checkpoint.parent / "progress.png").write_bytes(b"attempt 0")  # no checkpoint: it is lost
+    (checkpoint.parent / "training_log_2026_1_1_00_00_00.txt").write_text("attempt 0\n")
     old = {"deformation": "diffeomorphic", "dataset": name, "checkpoint": str(checkpoint), "iterations": 2,
-           "seconds": 300.0, "device": "cpu", "revision": "old", "pretrain_decorrelation": 10.0}
+           "seconds": 300.0, "device": "cpu", "revision": "old", "pretrain_decorrelation": 10.0,
+           "training_logs": ["training_log_2026_1_1_00_00_00.txt"]}
     registration = {"deformation": "diffeomorphic", "pretrain_iterations": 2, "pairs": 2, "dice_mean": 0.5,
                     "dice_std": 0.1}
     bench.results = {"pretraining": {key: dict(old)}, "registration": {key: registration}}
@@ -561,6 +563,7 @@ def test_a_rerun_pretraining_is_a_new_attempt_and_keeps_the_one_it_replaces(tmp_
     def run(stage, cmd, extra_env=None):
         stages.append(stage)
         (checkpoint.parent / "progress.png").write_bytes(b"attempt 1")
+        (checkpoint.parent / "training_log_2026_1_2_00_00_00.txt").write_text("attempt 1\n")
         checkpoint.write_bytes(b"x")
         return 100.0
     bench.run = run
@@ -573,8 +576,13 @@ def test_a_rerun_pretraining_is_a_new_attempt_and_keeps_the_one_it_replaces(tmp_
     assert (checkpoint.parent / "progress_attempt1.png").read_bytes() == b"attempt 1"
     assert not (checkpoint.parent / ".progress_replaced.png").exists()
     assert bench.pretrain("diffeomorphic", name) is record  # its checkpoint is there now
-    logs, _ = finished_outputs({"runs": [], "collection": {}, **bench.results})
+    logs, folders = finished_outputs({"runs": [], "collection": {}, **bench.results})
     assert logs == {f"{checkpoint.parent.name}.log", f"{checkpoint.parent.name}_attempt1.log"}
+    # the training logs in its folder when each attempt finished; a third attempt's, written while it
+    # runs in the same folder, is not published before it is recorded
+    assert record["training_logs"] == ["training_log_2026_1_1_00_00_00.txt", "training_log_2026_1_2_00_00_00.txt"]
+    (checkpoint.parent / "training_log_2026_1_3_00_00_00.txt").write_text("attempt 2, running\n")
+    assert folders == {checkpoint.parent.name: set(record["training_logs"])}
 
     def loading(attempt=None, **extra):
         r = {"method": "nnUNetTrainerGEMINI", "label": "g", "train_seconds": 10.0, "predict_seconds": 0.0,
