@@ -105,6 +105,9 @@ ABLATIONS = {
     "pretrain_deformer_input": ("--deformer_input", "pre-training deformer sees {}", USES_PRETRAINING,
                                 "gemini_pretrain's deformer input (the runs that load it build theirs the same)",
                                 "features, as released"),
+    # every pre-training of one plans starts from the network its seed draws (and draws its pairs and damage)
+    "pretrain_seed": ("--seed", "pre-training seed {:g}", USES_PRETRAINING,
+                      "gemini_pretrain's random seed N: the network's initialisation, the pairs, the damage", "0"),
     # a longer (or shorter) pre-training beside the budget's, which keeps its own checkpoint
     "pretrain_length": ("--epochs", "pre-training {:g} epochs", USES_PRETRAINING,
                         "gemini_pretrain's number of epochs E (of --pretrain_iters iterations each)",
@@ -113,8 +116,9 @@ ABLATIONS = {
 # the released pre-training's decorrelation weights, as this call's flags: a plain row's pre-training
 RELEASED_PRETRAIN_FLAGS = {f"pretrain_{k}": v for k, v in RELEASED_DECORRELATION.items()}
 PRETRAIN_ABLATIONS = {"pretrain_decorrelation", "pretrain_encoder_decorrelation", "pretrain_restoration_weight",
-                      "pretrain_lr", "pretrain_deformer_lr", "pretrain_deformer_input", "pretrain_length"}
-INTEGER_ABLATIONS = {"pretrain_length"}
+                      "pretrain_lr", "pretrain_deformer_lr", "pretrain_deformer_input", "pretrain_seed",
+                      "pretrain_length"}
+INTEGER_ABLATIONS = {"pretrain_length": "E", "pretrain_seed": "N"}  # -> metavar
 CHOICE_ABLATIONS = {"gemini_pair_positions": PAIR_POSITIONS, "gemini_deformation": DEFORMATIONS,
                     "gemini_transfer": TRANSFERS, "gemini_deformer_input": DEFORMER_INPUTS,
                     "pretrain_deformer_input": DEFORMER_INPUTS}  # the others: numbers
@@ -1068,7 +1072,7 @@ def _main(argv=None) -> int:
         whose = ("the released loss's" if flag in RELEASED_PRETRAIN_FLAGS else
                  "gemini_pretrain's" if flag in PRETRAIN_ABLATIONS else "the trainers'")
         kind = dict(choices=CHOICE_ABLATIONS[flag]) if flag in CHOICE_ABLATIONS else \
-            dict(type=int, metavar="E") if flag in INTEGER_ABLATIONS else \
+            dict(type=int, metavar=INTEGER_ABLATIONS[flag]) if flag in INTEGER_ABLATIONS else \
             dict(type=float, metavar="S" if "share" in what else "W" if "weight" in what else "LR")
         p.add_argument(f"--{flag}", default=None, **kind,
                        help=f"ablation: {var} ({what}) for {who}; their runs are rows of their own, labelled "
@@ -1115,6 +1119,8 @@ def _main(argv=None) -> int:
     if a.gemini_weight is not None and not (finite(a.gemini_weight) and a.gemini_weight > 0):
         raise GeminiUserError("--gemini_weight must be a finite number > 0 (the GEMINI trainers refuse 0: "
                               "nnUNetTrainerGEMINIFinetune is the supervised-only method)")
+    if a.pretrain_seed is not None and a.pretrain_seed < 0:
+        raise GeminiUserError("--pretrain_seed must be an integer >= 0")
     for flag in ("pretrain_decorrelation", "pretrain_encoder_decorrelation"):
         if not finite(getattr(a, flag)):
             raise GeminiUserError(f"--{flag} must be a finite weight >= 0")

@@ -427,11 +427,12 @@ def test_deformation_ablation_loads_a_pretraining_of_its_model(tmp_path, monkeyp
     ("pretrain_restoration_weight", "--restoration_weight", "restoration weight", 10.0, "10"),
     ("pretrain_encoder_decorrelation", "--encoder_decorrelation", "encoder decorrelation", 10.0, "10"),
     ("pretrain_lr", "--lr", "lr", 10.0, "10"), ("pretrain_deformer_lr", "--deformer_lr", "deformer lr", 10.0, "10"),
-    ("pretrain_deformer_input", "--deformer_input", "deformer sees", "images", "images")])
+    ("pretrain_deformer_input", "--deformer_input", "deformer sees", "images", "images"),
+    ("pretrain_seed", "--seed", "seed", 1, "1")])
 def test_pretraining_ablation_passes_its_flag_to_gemini_pretrain(key, flag, label, value, shown, tmp_path):
     """--pretrain_restoration_weight / --pretrain_encoder_decorrelation W, --pretrain_lr /
-    --pretrain_deformer_lr LR, --pretrain_deformer_input WHAT: gemini_pretrain FLAG value into a folder
-    of its own, under a key of its own."""
+    --pretrain_deformer_lr LR, --pretrain_deformer_input WHAT, --pretrain_seed N: gemini_pretrain FLAG
+    value into a folder of its own, under a key of its own."""
     bench = _pretraining_benchmark(tmp_path, {key: value})
     name = "Dataset901_GeminiStudyN1draw0"
     checkpoint = bench._pretrain_checkpoint("diffeomorphic", name)
@@ -474,6 +475,9 @@ def test_pretraining_length_ablation_runs_beside_the_budgets_pretraining(tmp_pat
     assert bench.registration_recorded("diffeomorphic", name)
     with pytest.raises(SystemExit) as e:
         main(["--pretrain_length", "0", "-o", str(tmp_path / "out")])
+    assert e.value.code != 0
+    with pytest.raises(SystemExit) as e:  # a seed may be 0, not negative
+        main(["--pretrain_seed", "-1", "-o", str(tmp_path / "out")])
     assert e.value.code != 0
 
 
