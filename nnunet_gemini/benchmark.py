@@ -105,7 +105,7 @@ ABLATIONS = {
     "pretrain_deformer_input": ("--deformer_input", "pre-training deformer sees {}", USES_PRETRAINING,
                                 "gemini_pretrain's deformer input (the runs that load it build theirs the same)",
                                 "features, as released"),
-    # every pre-training of one plans starts from the network its seed draws (and draws its pairs and damage)
+    # pre-trainings of the same plans and seed start from the same network (and draw the same pairs and damage)
     "pretrain_seed": ("--seed", "pre-training seed {:g}", USES_PRETRAINING,
                       "gemini_pretrain's random seed N: the network's initialisation, the pairs, the damage", "0"),
     # a longer (or shorter) pre-training beside the budget's, which keeps its own checkpoint
