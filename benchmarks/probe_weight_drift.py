@@ -1,7 +1,7 @@
 """How far does a pre-training move the network from its initialisation? (issue 13: is the pre-trained
 start a different network, or the seeded initialisation plus a small change?)
 
-gemini_pretrain seeds its network (--seed, default 0), so its initialisation can be rebuilt exactly
+gemini_pretrain seeds its network (--seed, default 12345), so its initialisation can be rebuilt exactly
 from the checkpoint's plans. For each conv of the network (the segmentation layers aside, they are
 not pre-trained) this prints the relative L2 distance |w - w_init| / |w_init| of each checkpoint
 given: pre-trainings, and nnU-Net trainer checkpoints fine-tuned from them (their network_weights
@@ -28,26 +28,28 @@ def main():
 
     from nnunet_gemini.checkpoints import load_nnunet_trainer_checkpoint
     from nnunet_gemini.choices import PRETRAIN_DEFAULTS
+    from nnunet_gemini.errors import GeminiUserError
     from nnunet_gemini.network import build_segmentation_network, input_channels
     from nnunet_gemini.pretrained import load_pretrained_checkpoint
     from nnunet_gemini.register import load_from_pretrain_checkpoint
 
     model = load_from_pretrain_checkpoint(a.pretraining, torch.device("cpu"))
-    meta = load_pretrained_checkpoint(a.pretraining)["meta"]
+    pretraining = load_pretrained_checkpoint(a.pretraining)
     torch.manual_seed(PRETRAIN_DEFAULTS["seed"] if a.seed is None else a.seed)  # as gemini_pretrain's build()
     init = build_segmentation_network(model.plans_manager, model.configuration_manager,
                                       input_channels(model.network),
-                                      meta["num_output_channels_at_pretraining"],
+                                      pretraining["meta"]["num_output_channels_at_pretraining"],
                                       enable_deep_supervision=False).state_dict()
 
     def weights(path: str) -> dict:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if "gemini_kind" in ckpt:
+        """network_weights of a gemini_pretrain checkpoint, else of an nnU-Net trainer checkpoint."""
+        try:
             return load_pretrained_checkpoint(path)["network_weights"]
-        return load_nnunet_trainer_checkpoint(path)["network_weights"]
+        except GeminiUserError:
+            return load_nnunet_trainer_checkpoint(path)["network_weights"]
 
     checkpoints = [a.pretraining, *a.also]
-    nets = [weights(path) for path in checkpoints]
+    nets = [pretraining["network_weights"], *(weights(path) for path in a.also)]
     layers = [k for k, v in init.items() if k.endswith(".weight") and v.dim() >= 3 and "seg_layers" not in k
               and not k.startswith("decoder.encoder.") and ".all_modules." not in k]
     rows = {k: [float((w[k].float() - init[k]).norm() / init[k].norm()) for w in nets] for k in layers}

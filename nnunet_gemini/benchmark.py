@@ -107,7 +107,8 @@ ABLATIONS = {
                                 "features, as released"),
     # pre-trainings of the same plans and seed start from the same network (and draw the same pairs and damage)
     "pretrain_seed": ("--seed", "pre-training seed {:g}", USES_PRETRAINING,
-                      "gemini_pretrain's random seed N: the network's initialisation, the pairs, the damage", "0"),
+                      "gemini_pretrain's random seed N: the network's initialisation, the pairs, the damage",
+                      f"{PRETRAIN_DEFAULTS['seed']}"),
     # a longer (or shorter) pre-training beside the budget's, which keeps its own checkpoint
     "pretrain_length": ("--epochs", "pre-training {:g} epochs", USES_PRETRAINING,
                         "gemini_pretrain's number of epochs E (of --pretrain_iters iterations each)",
@@ -250,26 +251,27 @@ def finished_outputs(results: dict) -> tuple:
     its own training wrote (runs recorded before that carry None)."""
     collection_mode = "collection" in results
     logs, folders = set(), {}
+
+    def add_folder(folder: str, record: dict) -> None:
+        # the training logs the record names (None, all, for records from before they named them); two
+        # records of one folder (an older study's runs of two lengths, a pre-training and its rerun): both
+        own = set(record["training_logs"]) if "training_logs" in record else None
+        seen = folders.get(folder, set())
+        folders[folder] = None if own is None or seen is None else seen | own
+
     for run in results["runs"]:
         tag = recorded_run_tag(run)
         logs |= {f"train_{tag}.log", f"predict_{tag}.log"} | ({f"predict_{tag}_selection.log"} if "selection" in run
                                                                else set())
-        folder = str(run_folder(run_results_root(run), run["dataset"], run["trainer"], run["fold"]))
-        own = set(run["training_logs"]) if "training_logs" in run else None
-        # two recorded runs in one folder (an older study's runs of two lengths): the logs of both
-        seen = folders.get(folder, set())
-        folders[folder] = None if own is None or seen is None else seen | own
+        add_folder(str(run_folder(run_results_root(run), run["dataset"], run["trainer"], run["fold"])), run)
     for _, record in pretraining_attempts(results):
         ablation = recorded_ablation(record, PRETRAIN_ABLATIONS)
         stage = pretrain_stage(record["deformation"], record["dataset"], collection_mode, ablation)
         logs.add(f"{stage}{attempt_suffix(record.get('attempt', 0))}.log")
-        folder = pretrain_folder(record["deformation"], record["dataset"], collection_mode, ablation,
-                                 "nnUNet_results", "")
-        # the logs in its folder when it finished (a resumed run's are all its own); not those of a rerun
-        # still going in the same folder. Records from before they named them: all
-        own = set(record["training_logs"]) if "training_logs" in record else None
-        seen = folders.get(folder, set())
-        folders[folder] = None if own is None or seen is None else seen | own
+        # a pre-training names the logs in its folder when it finished (a resumed run's are all its own),
+        # not those of a rerun still going in the same folder
+        add_folder(pretrain_folder(record["deformation"], record["dataset"], collection_mode, ablation,
+                                   "nnUNet_results", ""), record)
     return logs, folders
 
 
