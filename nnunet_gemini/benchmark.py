@@ -156,7 +156,7 @@ def _label(run: dict) -> str:
 
 
 def _run_key(run: dict) -> tuple:
-    return _label(run), run["n"], run["draw"], run["iterations"], run.get("reference", False)
+    return _label(run), run["n"], run["draw"], run["iterations"], run.get("reference", False), run.get("repeat", 0)
 
 
 def ablation_value_text(value) -> str:
@@ -169,10 +169,12 @@ def ablation_suffix(ablation: dict) -> str:
     return "".join(f"_{k.removeprefix('gemini_')}{ablation_value_text(v)}" for k, v in ablation.items())
 
 
-def run_tag(method: str, ablation: dict, n: int, draw: int, iterations: int, reference: bool = False) -> str:
+def run_tag(method: str, ablation: dict, n: int, draw: int, iterations: int, reference: bool = False,
+            repeat: int = 0) -> str:
     """The name of a run's stages and logs (train_TAG, predict_TAG, predict_TAG_selection); a
-    reference run's differs from the study's run of the same cell and length."""
-    return f"{method}{ablation_suffix(ablation)}_N{n}_draw{draw}_{iterations}it" + ("_reference" if reference else "")
+    reference run's, and a repeat's (--repeats), differ from the study's run of the same cell and length."""
+    return (f"{method}{ablation_suffix(ablation)}_N{n}_draw{draw}_{iterations}it" + ("_reference" if reference else "")
+            + (f"_repeat{repeat}" if repeat else ""))
 
 
 def recorded_run_tag(run: dict) -> str:
@@ -206,13 +208,14 @@ def pretrain_folder(deformation: str, dataset_name: str, collection_mode: bool, 
     return os.path.join(out, pretrain_stage(deformation, dataset_name, collection_mode, pretrain_ablation))
 
 
-def results_root_name(reference: bool, ablation: dict, iterations: Optional[int] = None) -> str:
+def results_root_name(reference: bool, ablation: dict, iterations: Optional[int] = None, repeat: int = 0) -> str:
     """The nnUNet_results folder of a run, named as under OUT (a plain run's is the study's own,
     which lies under OUT in collection mode): a reference or ablation run must not replace the
-    budget run of its fold, nor a run of another length (iterations given: "..._1250it") one of this."""
+    budget run of its fold, nor a run of another length (iterations given: "..._1250it") one of this,
+    nor a repeat (repeat r > 0: "..._repeatR") the first run of its cell."""
     root = ("nnUNet_results_reference" if reference else
             f"nnUNet_results_ablation{ablation_suffix(ablation)}" if ablation else "nnUNet_results")
-    return f"{root}_{iterations}it" if iterations else root
+    return root + (f"_{iterations}it" if iterations else "") + (f"_repeat{repeat}" if repeat else "")
 
 
 def recorded_ablation(record: dict, flags=ABLATIONS) -> dict:
@@ -315,6 +318,7 @@ class Benchmark:
         # set only for training (planning in 2.8.1 crashes on 0); the user's own value is kept for that
         user_da = env.pop("nnUNet_n_proc_DA", None)
         self.jobs = getattr(args, "jobs", 1)
+        self.repeats = getattr(args, "repeats", 1)
         self.n_proc_da = training_n_proc_da(self.device, self.jobs, user_da)
         self.n_proc_da_pretrain = training_n_proc_da(self.device, 1, user_da)  # it runs alone
         for k, (var, *_) in ABLATIONS.items():
@@ -354,8 +358,9 @@ class Benchmark:
     def _same_training(self, key: tuple) -> Optional[dict]:
         """A stock nnUNetTrainer run and its --reference_iters twin (same cell, same length) are one
         training: when either is finished the other is recorded from it, marked, with no time of its own."""
-        label, n, draw, iterations, reference = key
-        source = self._finished((label, n, draw, iterations, not reference)) if label == "nnUNetTrainer" else None
+        label, n, draw, iterations, reference, repeat = key
+        source = (self._finished((label, n, draw, iterations, not reference, repeat)) if label == "nnUNetTrainer"
+                  else None)
         if source is None:
             return None
         twin = dict(source, reference=reference, results_root=run_results_root(source),
@@ -472,9 +477,20 @@ class Benchmark:
         return raw
 
     # ------------------------------------------------------------------ stages
-    def _pretraining_key(self, deformation: str, dataset_name: str) -> str:
+    def pretrain_flags(self, repeat: int = 0) -> dict:
+        """The gemini_pretrain flags (PRETRAIN_ABLATIONS) of the pre-training that a run of this repeat
+        loads: this call's; repeat r > 0 (--repeats) seeds it r above this call's seed, so that every
+        repeat of a pre-trained method starts from an initialisation (and pairs, damage) of its own,
+        as every nnUNetTrainer run does."""
+        if not repeat:
+            return self.pretrain_ablation
+        flags = dict(self.pretrain_ablation,
+                     pretrain_seed=self.pretrain_ablation.get("pretrain_seed", PRETRAIN_DEFAULTS["seed"]) + repeat)
+        return {k: flags[k] for k in ABLATIONS if k in flags}  # ABLATIONS' order: the names they build
+
+    def _pretraining_key(self, deformation: str, dataset_name: str, repeat: int = 0) -> str:
         key = deformation if not self.collection_mode else f"{deformation}:{dataset_name}"
-        parts = [ABLATIONS[k][1].format(v) for k, v in self.pretrain_ablation.items()]
+        parts = [ABLATIONS[k][1].format(v) for k, v in self.pretrain_flags(repeat).items()]
         return key + (f" ({', '.join(parts)})" if parts else "")
 
     @property
@@ -486,25 +502,27 @@ class Benchmark:
     def pretrain_iterations(self) -> int:
         return self.pretrain_epochs * self.budget["pretrain_iters"]
 
-    def _pretrain_checkpoint(self, deformation: str, dataset_name: str) -> Path:
+    def _pretrain_checkpoint(self, deformation: str, dataset_name: str, repeat: int = 0) -> Path:
         from nnunet_gemini.pretrained import FINAL_CHECKPOINT
-        return Path(pretrain_folder(deformation, dataset_name, self.collection_mode, self.pretrain_ablation,
+        return Path(pretrain_folder(deformation, dataset_name, self.collection_mode, self.pretrain_flags(repeat),
                                     self.folders["nnUNet_results"], str(self.out)), FINAL_CHECKPOINT)
 
-    def pretrain(self, deformation: str, dataset_name: str) -> dict:
+    def pretrain(self, deformation: str, dataset_name: str, repeat: int = 0) -> dict:
         """One gemini_pretrain run on `dataset_name` (recorded; reused by a later call). Run again
         (its checkpoint lost, or another budget), it is a new attempt: the record it replaces moves,
         with its registration record, to results.json's pretraining_replaced, where the runs that
         loaded it keep finding it; the new attempt's log and progress plot get names of their own.
-        A killed run, or a longer --pretrain_length, goes on from a checkpoint (_continue_pretraining)."""
-        key = self._pretraining_key(deformation, dataset_name)
+        A killed run, or a longer --pretrain_length, goes on from a checkpoint (_continue_pretraining).
+        `repeat`: the pre-training a repeat's runs load (pretrain_flags)."""
+        key = self._pretraining_key(deformation, dataset_name, repeat)
+        pretrain_flags = self.pretrain_flags(repeat)
         record = self.results["pretraining"].get(key)
         iterations = self.pretrain_iterations
-        checkpoint = self._pretrain_checkpoint(deformation, dataset_name)
+        checkpoint = self._pretrain_checkpoint(deformation, dataset_name, repeat)
         if record and record["iterations"] == iterations and checkpoint.is_file():
             return record
         attempt = record.get("attempt", 0) + 1 if record else 0
-        continued = self._continue_pretraining(deformation, dataset_name, checkpoint)
+        continued = self._continue_pretraining(deformation, dataset_name, checkpoint, pretrain_flags)
         cmd = ["gemini_pretrain", "-d", str(dataset_id_of(dataset_name)), "-c", CONFIGURATION, "-p", PLANS,
                "-device", self.device, "--epochs", str(self.pretrain_epochs),
                "--iters_per_epoch", str(self.budget["pretrain_iters"]), "--deformation", deformation]
@@ -512,12 +530,12 @@ class Benchmark:
         # the released decorrelation weights unless this call sets them, so a study's plain rows mean the
         # released pre-training whatever gemini_pretrain's defaults (ours decorrelate); --pretrain_length is
         # the --epochs above, not a flag of its own
-        flags = {**RELEASED_PRETRAIN_FLAGS, **self.pretrain_ablation}
+        flags = {**RELEASED_PRETRAIN_FLAGS, **pretrain_flags}
         cmd += [arg for k, v in flags.items() if k != "pretrain_length"
                 for arg in (ABLATIONS[k][0], ablation_value_text(v))]
-        if deformation != "diffeomorphic" or self.pretrain_ablation:
+        if deformation != "diffeomorphic" or pretrain_flags:
             cmd += ["-o", str(checkpoint.parent)]
-        stage = pretrain_stage(deformation, dataset_name, self.collection_mode, self.pretrain_ablation)
+        stage = pretrain_stage(deformation, dataset_name, self.collection_mode, pretrain_flags)
         plot = checkpoint.parent / "progress.png"  # gemini_pretrain redraws it every epoch
         replaced_plot = plot.with_name(".progress_replaced.png")
         if attempt and plot.is_file():
@@ -540,12 +558,13 @@ class Benchmark:
                   "iterations": iterations, "seconds": round(seconds + continued.get("resumed_seconds", 0.0), 1),
                   "device": self.device, "revision": self.revision,
                   "training_logs": sorted(training_logs_in(checkpoint.parent)),
-                  **self.pretrain_ablation, **({"attempt": attempt} if attempt else {}), **continued}
+                  **pretrain_flags, **({"attempt": attempt} if attempt else {}), **continued}
         self.results["pretraining"][key] = record
         self._save()
         return record
 
-    def _continue_pretraining(self, deformation: str, dataset_name: str, checkpoint: Path) -> dict:
+    def _continue_pretraining(self, deformation: str, dataset_name: str, checkpoint: Path,
+                              pretrain_flags: dict) -> dict:
         """Where this pre-training goes on from with gemini_pretrain --c ({} for a fresh start): the
         checkpoint_latest.pth an interrupted run left in its folder, else, for --pretrain_length, the
         longest finished pre-training with the same flags and fewer iterations (copied in). Adam's lr
@@ -558,9 +577,9 @@ class Benchmark:
         latest, per_epoch = checkpoint.with_name(LATEST_CHECKPOINT), self.budget["pretrain_iters"]
         source = None
         if not latest.is_file():
-            if "pretrain_length" not in self.pretrain_ablation:
+            if "pretrain_length" not in pretrain_flags:
                 return {}
-            flags = {k: self.pretrain_ablation.get(k) for k in PRETRAIN_ABLATIONS - {"pretrain_length"}}
+            flags = {k: pretrain_flags.get(k) for k in PRETRAIN_ABLATIONS - {"pretrain_length"}}
             shorter = [(r["iterations"], key) for key, r in self.results["pretraining"].items()
                        if r["deformation"] == deformation and r.get("dataset") == dataset_name
                        and {k: r.get(k) for k in flags} == flags and r["iterations"] < self.pretrain_iterations
@@ -582,11 +601,11 @@ class Benchmark:
         return {"resumed_from_iteration": done, "resumed_seconds": round(float(sum(times)), 1),
                 **({"continued_from": source} if source else {})}
 
-    def _link_pretraining(self, results_root: str, cell: dict) -> None:
-        """Make the cell's shared pre-training visible where its trainer looks for one: under
-        results_root for the cell's dataset (a link to the checkpoint of the dataset that ran it)."""
+    def _link_pretraining(self, results_root: str, cell: dict, repeat: int = 0) -> None:
+        """Make the cell's shared pre-training (the one of this repeat) visible where its trainer looks
+        for one: under results_root for the cell's dataset (a link to the checkpoint of the dataset that ran it)."""
         from nnunet_gemini.pretrained import FINAL_CHECKPOINT, pretrain_output_dir
-        shared = self._pretrain_checkpoint(self.deformation, cell["pretrain_dataset"])
+        shared = self._pretrain_checkpoint(self.deformation, cell["pretrain_dataset"], repeat)
         link = Path(pretrain_output_dir(cell["dataset_name"], PLANS, CONFIGURATION, results_root), FINAL_CHECKPOINT)
         if link == shared:
             return
@@ -621,30 +640,33 @@ class Benchmark:
                                    str(pred_dir / "summary.json"))
         return scores, seconds
 
-    def run_key(self, method: str, n: int, draw: int, epochs: int, reference: bool = False) -> tuple:
+    def run_key(self, method: str, n: int, draw: int, epochs: int, reference: bool = False, repeat: int = 0) -> tuple:
         """The key results.json's record of this run would have (see _run_key)."""
-        return self.ablation_of(method)[1], n, draw, epochs * self.budget["train_iters"], reference
+        return self.ablation_of(method)[1], n, draw, epochs * self.budget["train_iters"], reference, repeat
 
-    def train_and_score(self, method: str, n: int, draw: int, epochs: int, reference: bool = False) -> dict:
+    def train_and_score(self, method: str, n: int, draw: int, epochs: int, reference: bool = False,
+                        repeat: int = 0) -> dict:
         ablation, label = self.ablation_of(method)
-        key = self.run_key(method, n, draw, epochs, reference)
+        key = self.run_key(method, n, draw, epochs, reference, repeat)
         iterations = key[3]
+        of_repeat = f", repeat {repeat}" if repeat else ""
         done = self._finished(key)
         if done is not None:
-            print(f"[gemini_benchmark] done already: {label} N={n} draw={draw} ({iterations} it)", flush=True)
+            print(f"[gemini_benchmark] done already: {label} N={n} draw={draw}{of_repeat} ({iterations} it)",
+                  flush=True)
             return done
         done = self._same_training(key)
         if done is not None:
             return done
         cell = self.cells[(n, draw)]
         trainer = TRAINER_OF.get(method, method)
-        tag = run_tag(method, ablation, n, draw, iterations, reference)
-        results_root = self._results_root(trainer, ablation, reference, cell, iterations)
+        tag = run_tag(method, ablation, n, draw, iterations, reference, repeat)
+        results_root = self._results_root(trainer, ablation, reference, cell, iterations, repeat)
         results_dir = (self.folders["nnUNet_results"] if results_root == "nnUNet_results" else
                        str(self.out / results_root))
-        pretraining_key = self._pretraining_key(self.deformation, cell["pretrain_dataset"])
+        pretraining_key = self._pretraining_key(self.deformation, cell["pretrain_dataset"], repeat)
         if method in USES_PRETRAINING:
-            self._link_pretraining(results_dir, cell)
+            self._link_pretraining(results_dir, cell, repeat)
         env = {"nnUNet_results": results_dir, "nnUNet_gemini_num_epochs": str(epochs),
                "nnUNet_gemini_iters_per_epoch": str(self.budget["train_iters"]),
                "nnUNet_gemini_val_iters": str(self.budget["val_iters"]),
@@ -660,7 +682,7 @@ class Benchmark:
         training_logs = sorted(training_logs_in(folder) - earlier_logs)
         scores, predict_s = self._predict_and_score(tag, cell, trainer, results_dir, "imagesTs", "labelsTs")
         run = {"method": method, "label": label, **ablation, "trainer": trainer, "n": n, "draw": draw,
-               "dataset": cell["dataset_name"], "fold": cell["fold"], "reference": reference,
+               "repeat": repeat, "dataset": cell["dataset_name"], "fold": cell["fold"], "reference": reference,
                "train_cases": cell["train"], "results_root": results_root, "iterations": iterations, "epochs": epochs,
                "iters_per_epoch": self.budget["train_iters"], **scores, "training_logs": training_logs, "log_tag": tag,
                "train_seconds": train_s, "predict_seconds": predict_s, "pretrain_share_seconds": 0.0,
@@ -679,17 +701,18 @@ class Benchmark:
         with self._lock:
             self.results["runs"].append(run)
             self._save()
-        print(f"[gemini_benchmark] {label} N={n} draw={draw}: mean Dice {run['dice_mean']:.4f}", flush=True)
+        print(f"[gemini_benchmark] {label} N={n} draw={draw}{of_repeat}: mean Dice {run['dice_mean']:.4f}", flush=True)
         return run
 
-    def _results_root(self, trainer: str, ablation: dict, reference: bool, cell: dict, iterations: int) -> str:
-        """The run's method's results root, or one of its own length when a finished run of another
-        length trained in that folder (a longer budget on the same -o would overwrite its model)."""
-        root = results_root_name(reference, ablation)
+    def _results_root(self, trainer: str, ablation: dict, reference: bool, cell: dict, iterations: int,
+                      repeat: int = 0) -> str:
+        """The run's method's (and repeat's) results root, or one of its own length when a finished run
+        of another length trained in that folder (a longer budget on the same -o would overwrite its model)."""
+        root = results_root_name(reference, ablation, repeat=repeat)
         folder = run_folder(root, cell["dataset_name"], trainer, cell["fold"])
         if any(run_folder(run_results_root(r), r["dataset"], r["trainer"], r["fold"]) == folder
                and r["iterations"] != iterations for r in self.results["runs"]):
-            return results_root_name(reference, ablation, iterations)
+            return results_root_name(reference, ablation, iterations, repeat)
         return root
 
     def ablation_of(self, method: str):
@@ -803,8 +826,8 @@ class Benchmark:
                             machine=_machine(self.device), command=["gemini_benchmark"] + list(self.argv))
         self._save()
         deformations = registered_deformations(self.a.registration, self.collection_mode, self.deformation)
-        runs = [dict(method=method, n=n, draw=draw, epochs=self.budget["train_epochs"])
-                for n in ns for draw in draws for method in methods]
+        runs = [dict(method=method, n=n, draw=draw, epochs=self.budget["train_epochs"], repeat=repeat)
+                for repeat in range(self.repeats) for n in ns for draw in draws for method in methods]
         if self.a.reference_iters:
             epochs = max(1, math.ceil(self.a.reference_iters / self.budget["train_iters"]))
             runs += [dict(method="nnUNetTrainer", n=n, draw=0, epochs=epochs, reference=True) for n in ns]
@@ -812,14 +835,17 @@ class Benchmark:
         # whose runs are done and whose registration is recorded is not rerun when its checkpoint is gone
         pending = [r for r in runs if self._finished(self.run_key(**r)) is None]
         groups = sorted({self.cells[(r["n"], r["draw"])]["pretrain_dataset"] for r in runs})
-        loaded = {self.cells[(r["n"], r["draw"])]["pretrain_dataset"] for r in pending
+        loaded = {(self.cells[(r["n"], r["draw"])]["pretrain_dataset"], r.get("repeat", 0)) for r in pending
                   if r["method"] in USES_PRETRAINING}
         used = self.deformation  # the model of the pre-training the runs load
         for dataset_name in groups:
-            if dataset_name in loaded or (used in deformations and not self.registration_recorded(used, dataset_name)):
+            if (dataset_name, 0) in loaded or (used in deformations
+                                               and not self.registration_recorded(used, dataset_name)):
                 self.pretrain(used, dataset_name)
             if used in deformations:  # how well it registers is known before hours of training
                 self.registration(used, dataset_name)
+            for repeat in sorted(r for d, r in loaded if d == dataset_name and r):  # the repeats' own seeds
+                self.pretrain(used, dataset_name, repeat)
         if deformations:
             self.unregistered_dice()
         self.preprocess_pools(runs)
@@ -885,10 +911,22 @@ def share_pretraining(results: dict) -> None:
 
 
 # ---------------------------------------------------------------------- reports
-def _mean_std(values: List[float]) -> str:
+def _mean_std(values: List[float], runs: Optional[int] = None) -> str:
+    """mean ± std (number of values), or (draws, runs) when repeats made the values means of several runs."""
     if not values:
         return "–"
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f} ({len(values)})"
+    count = (f"{len(values)} draw{'s' * (len(values) > 1)}, {runs} runs" if runs not in (None, len(values))
+             else f"{len(values)}")
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f} ({count})"
+
+
+def draw_means(runs: List[dict], value=lambda r: r["dice_mean"]) -> Dict[int, float]:
+    """{draw: the mean of `value` over its runs}: a cell's repeats (--repeats) are averaged first, so
+    that means, stds and differences are over draws, each weighing once."""
+    per_draw: Dict[int, List[float]] = {}
+    for r in runs:
+        per_draw.setdefault(r["draw"], []).append(value(r))
+    return {d: float(np.mean(v)) for d, v in sorted(per_draw.items())}
 
 
 def budget_runs(results: dict, iterations: int, label: str, n: int) -> List[dict]:
@@ -899,8 +937,8 @@ def budget_runs(results: dict, iterations: int, label: str, n: int) -> List[dict
 
 
 def summarise(results: dict, methods, ns, iterations: int) -> Dict[str, Dict[int, List[float]]]:
-    """{method label: {N: [run mean Dice over draws]}} of the budget runs (reference runs excluded)."""
-    return {m: {n: [r["dice_mean"] for r in budget_runs(results, iterations, m, n)] for n in ns} for m in methods}
+    """{method label: {N: [mean Dice per draw (over its repeats)]}} of the budget runs (reference runs excluded)."""
+    return {m: {n: list(draw_means(budget_runs(results, iterations, m, n)).values()) for n in ns} for m in methods}
 
 
 def write_reports(results: dict, out: Path, methods, ns, iterations: int) -> None:
@@ -953,13 +991,15 @@ def _budget_lines(results: dict, methods, ns, iterations: int, refs: List[dict])
     differences and the selection set."""
     table = summarise(results, methods, ns, iterations)
     lines = [f"Mean foreground test Dice (imagesTs vs labelsTs) after {iterations} supervised iterations, "
-             "mean ± std over draws (number of runs):", "",
+             "mean ± std over draws (number of draws; of runs where a draw was repeated, its runs averaged first):",
+             "",
              "| method | " + " | ".join(f"N = {n}" for n in ns) + " | mean wall time / run (s) |",
              "|---|" + "---|" * len(ns) + "---|"]
     for m in methods:
         walls = [r["wall_seconds"] for n in ns for r in budget_runs(results, iterations, m, n)
                  if "same_run_as" not in r]  # a run recorded from its twin took no time of its own
-        lines.append(f"| {m} | " + " | ".join(_mean_std(table[m][n]) for n in ns)
+        lines.append(f"| {m} | " + " | ".join(_mean_std(table[m][n], len(budget_runs(results, iterations, m, n)))
+                                              for n in ns)
                      + (f" | {np.mean(walls):.0f} |" if walls else " | – |"))
     for r in sorted(refs, key=lambda r: (r["iterations"], r["n"])):
         lines.append(f"| nnUNetTrainer, reference {r['iterations']} it (draw {r['draw']}) | "
@@ -976,14 +1016,14 @@ def _budget_lines(results: dict, methods, ns, iterations: int, refs: List[dict])
                     lines.append(f"| {m} | {n} | " + " | ".join(
                         f"{np.nanmean([r['dice_per_structure'][s] for r in runs]):.3f}" for s in structures) + " |")
     return lines + _difference_lines(results, methods, ns, iterations) + \
-        _selection_lines(results, methods, ns, iterations)
+        _selection_lines(results, methods, ns, iterations) + _repeat_lines(results, methods, ns, iterations)
 
 
 def _difference_lines(results: dict, methods, ns, iterations: int) -> List[str]:
     """Per-draw test Dice minus nnUNetTrainer's of the same N and draw (and GEMINI minus Finetune:
     what the loss adds beyond the pre-trained start)."""
     def by_draw(label, n):
-        return {r["draw"]: r["dice_mean"] for r in budget_runs(results, iterations, label, n)}
+        return draw_means(budget_runs(results, iterations, label, n))
     pairs = [(m, "nnUNetTrainer") for m in methods if m != "nnUNetTrainer"]
     if "nnUNetTrainerGEMINI" in methods and "nnUNetTrainerGEMINIFinetune" in methods:
         pairs.append(("nnUNetTrainerGEMINI", "nnUNetTrainerGEMINIFinetune"))
@@ -998,7 +1038,8 @@ def _difference_lines(results: dict, methods, ns, iterations: int) -> List[str]:
                             + f" | {np.mean(diffs):+.3f} |")
     if not rows:
         return []
-    return ["", "Per-draw differences of mean foreground test Dice (same N, same draw):", "",
+    return ["", "Per-draw differences of mean foreground test Dice (same N, same draw; a repeated draw's runs "
+            "averaged first):", "",
             "| difference | N | per draw | mean |", "|---|---|---|---|"] + rows
 
 
@@ -1011,10 +1052,32 @@ def _selection_lines(results: dict, methods, ns, iterations: int) -> List[str]:
              "set), mean ± std over draws:", "", "| method | " + " | ".join(f"N = {n}" for n in ns) + " |",
              "|---|" + "---|" * len(ns)]
     for m in methods:
-        cells = [_mean_std([r["selection"]["dice_mean"] for r in budget_runs(results, iterations, m, n)
-                            if "selection" in r]) for n in ns]
+        cells = []
+        for n in ns:
+            scored = [r for r in budget_runs(results, iterations, m, n) if "selection" in r]
+            cells.append(_mean_std(list(draw_means(scored, lambda r: r["selection"]["dice_mean"]).values()),
+                                   len(scored)))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _repeat_lines(results: dict, methods, ns, iterations: int) -> List[str]:
+    """Every run of each repeated cell (--repeats): how far runs that differ only by their random
+    initialisation and sampling lie apart, the yardstick for the differences above."""
+    rows = []
+    for m in methods:
+        for n in ns:
+            runs = budget_runs(results, iterations, m, n)
+            for draw in sorted({r["draw"] for r in runs}):
+                dice = [r["dice_mean"] for r in sorted(runs, key=lambda r: r.get("repeat", 0)) if r["draw"] == draw]
+                if len(dice) > 1:
+                    rows.append(f"| {m} | {n} | {draw} | " + ", ".join(f"{x:.3f}" for x in dice)
+                                + f" | {np.mean(dice):.3f} ± {np.std(dice):.3f} | {max(dice) - min(dice):.3f} |")
+    if not rows:
+        return []
+    return ["", "Repeated cells: the test Dice of each run (repeat 0, 1, ...; the pre-trained methods' repeat r "
+            "loads a pre-training seeded r above the first's):", "",
+            "| method | N | draw | runs | mean ± std | range |", "|---|---|---|---|---|---|"] + rows
 
 
 def _plot(table, refs, ns, path: Path, results: dict) -> None:
@@ -1061,6 +1124,11 @@ def _main(argv=None) -> int:
     p.add_argument("--demo_id", type=int, default=DEMO_ID, help="dataset id of the generated demo dataset")
     p.add_argument("--n", type=int, nargs="+", default=[1, 2, 5], help="numbers of labelled training cases")
     p.add_argument("--draws", type=int, default=3, help="random draws of the N cases")
+    p.add_argument("--repeats", type=int, default=1, metavar="R",
+                   help="runs per method, N and draw: nnU-Net's training is not seeded, and with 1 or 2 labelled "
+                        "cases one run measures its random initialisation as much as the method. A pre-trained "
+                        "method's repeat r > 0 loads a pre-training of its own, seeded r above --pretrain_seed's. "
+                        "Tables average a draw's runs first, then the draws, and list every repeated cell's runs")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to compare")
     p.add_argument("--budget", choices=list(BUDGETS), default="short", help=f"iteration budget ({_budget_help()})")
     for key in ("train_epochs", "train_iters", "val_iters", "pretrain_epochs", "pretrain_iters"):
@@ -1113,9 +1181,9 @@ def _main(argv=None) -> int:
     a = p.parse_args(argv)
     overrides = [a.train_epochs, a.train_iters, a.val_iters, a.pretrain_epochs, a.pretrain_iters, a.reference_iters,
                  a.pretrain_length]
-    if a.draws < 1 or min(a.n) < 1 or a.jobs < 1 or any(v is not None and v < 1 for v in overrides):
-        raise GeminiUserError("--n, --draws, --jobs, --reference_iters, --pretrain_length and the budget overrides "
-                              "must be positive")
+    if a.draws < 1 or a.repeats < 1 or min(a.n) < 1 or a.jobs < 1 or any(v is not None and v < 1 for v in overrides):
+        raise GeminiUserError("--n, --draws, --repeats, --jobs, --reference_iters, --pretrain_length and the budget "
+                              "overrides must be positive")
     def finite(v):
         return v is None or 0 <= v < float("inf")
     if a.gemini_weight is not None and not (finite(a.gemini_weight) and a.gemini_weight > 0):

@@ -113,6 +113,30 @@ def test_reports_aggregate_over_draws(tmp_path):
     assert any(line.startswith("| nnUNetTrainer, reference 1000 it") for line in rows_1000)
 
 
+def test_reports_average_a_draws_repeats_first(tmp_path):
+    """--repeats: a draw's runs are averaged before the mean, std and per-draw differences over draws,
+    so a repeated draw weighs once; every repeated cell's runs are listed."""
+    from nnunet_gemini.benchmark import write_reports
+
+    def run(method, draw, dice, repeat=0):
+        return {"method": method, "n": 1, "draw": draw, "repeat": repeat, "iterations": 100, "reference": False,
+                "dice_mean": dice, "dice_per_structure": {"organ": dice}, "wall_seconds": 10.0,
+                "selection": {"dice_mean": dice + 0.1}}
+    results = {"dataset": "D", "budget": "short", "device": "cpu", "registration": {},
+               "budget_iterations": {"train_epochs": 4, "train_iters": 25, "pretrain_epochs": 1, "pretrain_iters": 1},
+               "runs": [run("nnUNetTrainer", 0, 0.5), run("nnUNetTrainer", 0, 0.7, repeat=1),
+                        run("nnUNetTrainer", 1, 0.8), run("nnUNetTrainerGEMINI", 0, 0.65),
+                        run("nnUNetTrainerGEMINI", 1, 0.9)]}
+    write_reports(results, tmp_path, ["nnUNetTrainer", "nnUNetTrainerGEMINI"], [1], 100)
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    assert "| nnUNetTrainer | 0.700 ± 0.100 (2 draws, 3 runs) | 10 |" in lines  # draws 0.6 and 0.8
+    assert "| nnUNetTrainerGEMINI | 0.775 ± 0.125 (2) | 10 |" in lines
+    assert "| nnUNetTrainerGEMINI − nnUNetTrainer | 1 | draw 0: +0.050, draw 1: +0.100 | +0.075 |" in lines
+    assert "| nnUNetTrainer | 0.800 ± 0.100 (2 draws, 3 runs) |" in lines  # the selection set's
+    assert "| nnUNetTrainer | 1 | 0 | 0.500, 0.700 | 0.600 ± 0.100 | 0.200 |" in lines
+    assert not any(line.startswith("| nnUNetTrainerGEMINI | 1 | 0 |") for line in lines)  # not repeated: not listed
+
+
 def test_pretraining_wall_time_is_shared_by_every_run_that_loads_it():
     """The share is pre-training seconds / all runs loading it, however the study was split into
     calls (a one-run ablation call does not carry the whole pre-training); runs of a replaced
@@ -184,6 +208,32 @@ def test_a_run_of_another_length_keeps_the_finished_runs_model(tiny_study):
     old = [dict(first, results_root=None), dict(new, results_root=None)]
     _, folders = finished_outputs({"runs": old})
     assert list(folders.values()) == [set(first["training_logs"]) | set(new["training_logs"])]
+
+
+def test_a_repeat_trains_again_in_a_folder_of_its_own(tiny_study):
+    """--repeats 2: the finished run is repeat 0; repeat 1 trains again (nnU-Net is unseeded) in a results
+    root and under a log tag of its own, and the table averages the draw's two runs."""
+    from nnunet_gemini.benchmark import run_folder
+    out, env = tiny_study["out"], tiny_study["env"]
+    before = json.loads((out / "results.json").read_text())["runs"]
+    first = next(r for r in before if r["method"] == "nnUNetTrainer" and r["iterations"] == 1)
+    checkpoint = run_folder(env["nnUNet_results"], first["dataset"], first["trainer"], first["fold"]) / \
+        "checkpoint_final.pth"
+    stamp = checkpoint.stat().st_mtime_ns
+    cmd = [a for a in tiny_study["cmd"] if a != "nnUNetTrainerGEMINI_NoPretrain"]
+    second = run_command(cmd + ["--repeats", "2"], env, timeout=900)
+    assert second.stdout.count("done already") == 1 and second.stdout.count("] train_nnUNetTrainer_") == 1
+    (new,) = json.loads((out / "results.json").read_text())["runs"][len(before):]
+    assert (new["method"], new["n"], new["draw"], new["iterations"], new["repeat"]) == ("nnUNetTrainer", 3, 0, 1, 1)
+    assert (new["results_root"], new["log_tag"]) == ("nnUNet_results_repeat1", "nnUNetTrainer_N3_draw0_1it_repeat1")
+    assert (out / "logs" / "train_nnUNetTrainer_N3_draw0_1it_repeat1.log").is_file()
+    assert (run_folder(out / "nnUNet_results_repeat1", new["dataset"], new["trainer"], new["fold"]) /
+            "checkpoint_final.pth").is_file()
+    assert checkpoint.stat().st_mtime_ns == stamp
+    lines = (out / "results.md").read_text().splitlines()
+    mean = (first["dice_mean"] + new["dice_mean"]) / 2
+    assert f"| nnUNetTrainer | {mean:.3f} ± 0.000 (1 draw, 2 runs) |" in " ".join(lines)
+    assert f"| nnUNetTrainer | 3 | 0 | {first['dice_mean']:.3f}, {new['dice_mean']:.3f} |" in " ".join(lines)
 
 
 def test_publish_copies_the_logs_and_plots_of_finished_runs_only(tiny_study, tmp_path):
@@ -445,6 +495,37 @@ def test_pretraining_ablation_passes_its_flag_to_gemini_pretrain(key, flag, labe
     assert bench._pretraining_key("diffeomorphic", name).endswith(f"(pre-training {label} {shown})")
 
 
+def test_a_repeat_loads_a_pretraining_seeded_above_the_calls_seed(tmp_path):
+    """--repeats: repeat r of a pre-trained method loads a pre-training with seed (this call's seed + r),
+    under the key and in the folder that --pretrain_seed of that value would use; repeat 0 loads this
+    call's; runs and pre-trainings of a repeat are named apart from the first."""
+    from nnunet_gemini.benchmark import finished_outputs, results_root_name, run_tag
+    from nnunet_gemini.choices import PRETRAIN_DEFAULTS
+    assert run_tag("nnUNetTrainerGEMINI", {}, 1, 0, 500, repeat=2) == "nnUNetTrainerGEMINI_N1_draw0_500it_repeat2"
+    assert results_root_name(False, {}, repeat=1) == "nnUNet_results_repeat1"
+    assert results_root_name(False, {"gemini_weight": 0.3}, 500, 2) == "nnUNet_results_ablation_weight0.3_500it_repeat2"
+    name, seed = "Dataset901_GeminiStudyN1draw0", PRETRAIN_DEFAULTS["seed"]
+    bench = _pretraining_benchmark(tmp_path, {"pretrain_decorrelation": 10.0})
+    assert bench.pretrain_flags(0) == {"pretrain_decorrelation": 10.0}
+    assert list(bench.pretrain_flags(2).items()) == [("pretrain_decorrelation", 10.0), ("pretrain_seed", seed + 2)]
+    assert _pretraining_benchmark(tmp_path, {"pretrain_seed": 5}).pretrain_flags(1) == {"pretrain_seed": 6}
+    plain = _pretraining_benchmark(tmp_path, {})
+    seeded = _pretraining_benchmark(tmp_path, {"pretrain_seed": seed + 1})  # a --pretrain_seed call's
+    assert plain._pretraining_key("diffeomorphic", name, 1) == seeded._pretraining_key("diffeomorphic", name) == \
+        f"diffeomorphic:{name} (pre-training seed {seed + 1})"
+    checkpoint = plain._pretrain_checkpoint("diffeomorphic", name, 1)
+    assert checkpoint == seeded._pretrain_checkpoint("diffeomorphic", name) != \
+        plain._pretrain_checkpoint("diffeomorphic", name)
+    commands = _fake_pretrain_runs(plain, checkpoint, b"repeat 1", 1.0)
+    record = plain.pretrain("diffeomorphic", name, repeat=1)
+    ((stage, cmd),) = commands
+    assert cmd[cmd.index("--seed") + 1] == str(seed + 1) and cmd[cmd.index("-o") + 1] == str(checkpoint.parent)
+    assert record["pretrain_seed"] == seed + 1 and stage == checkpoint.parent.name
+    assert plain.results["pretraining"] == {plain._pretraining_key("diffeomorphic", name, 1): record}
+    logs, folders = finished_outputs({"runs": [], "pretraining": plain.results["pretraining"], "collection": {}})
+    assert logs == {f"{stage}.log"} and list(folders) == [stage]
+
+
 def test_pretraining_length_ablation_runs_beside_the_budgets_pretraining(tmp_path):
     """--pretrain_length E: gemini_pretrain --epochs E (once) into a folder and key of its own,
     recorded with E x --pretrain_iters iterations; the budget's pre-training and its record stay
@@ -631,10 +712,11 @@ def test_a_study_run_of_a_references_cell_and_length_is_recorded_from_it_not_tra
                  "dice_mean": 0.79, "dice_per_structure": {"label_1": 0.79}, "dice_per_case": {"c": 0.79},
                  "selection": {"dice_mean": 0.82}, "train_seconds": 900.0, "wall_seconds": 1000.0}
     bench.results = {"runs": [reference]}
-    assert bench._same_training(("nnUNetTrainer", 2, 0, 500, False)) is None  # another length
-    assert bench._same_training(("nnUNetTrainerGEMINI", 2, 0, 1250, False)) is None  # another method
-    twin = bench._same_training(("nnUNetTrainer", 2, 0, 1250, False))
-    assert bench.results["runs"] == [reference, twin] and _run_key(twin) == ("nnUNetTrainer", 2, 0, 1250, False)
+    assert bench._same_training(("nnUNetTrainer", 2, 0, 500, False, 0)) is None  # another length
+    assert bench._same_training(("nnUNetTrainerGEMINI", 2, 0, 1250, False, 0)) is None  # another method
+    assert bench._same_training(("nnUNetTrainer", 2, 0, 1250, False, 1)) is None  # a repeat is a training of its own
+    twin = bench._same_training(("nnUNetTrainer", 2, 0, 1250, False, 0))
+    assert bench.results["runs"] == [reference, twin] and _run_key(twin) == ("nnUNetTrainer", 2, 0, 1250, False, 0)
     assert (twin["dice_mean"], twin["selection"], twin["wall_seconds"]) == (0.79, {"dice_mean": 0.82}, 0.0)
     assert twin["results_root"] == "nnUNet_results_reference"  # where its checkpoint lies
     assert twin["same_run_as"] == twin["log_tag"] == "nnUNetTrainer_N2_draw0_1250it"  # an older record's plain tag
