@@ -1014,7 +1014,8 @@ def _budget_lines(results: dict, methods, ns, iterations: int, refs: List[dict])
                 runs = budget_runs(results, iterations, m, n)
                 if runs:
                     lines.append(f"| {m} | {n} | " + " | ".join(
-                        f"{np.nanmean([r['dice_per_structure'][s] for r in runs]):.3f}" for s in structures) + " |")
+                        f"{np.nanmean(list(draw_means(runs, lambda r: r['dice_per_structure'][s]).values())):.3f}"
+                        for s in structures) + " |")
     return lines + _difference_lines(results, methods, ns, iterations) + \
         _selection_lines(results, methods, ns, iterations) + _repeat_lines(results, methods, ns, iterations)
 

@@ -134,6 +134,7 @@ def test_reports_average_a_draws_repeats_first(tmp_path):
     assert "| nnUNetTrainerGEMINI − nnUNetTrainer | 1 | draw 0: +0.050, draw 1: +0.100 | +0.075 |" in lines
     assert "| nnUNetTrainer | 0.800 ± 0.100 (2 draws, 3 runs) |" in lines  # the selection set's
     assert "| nnUNetTrainer | 1 | 0 | 0.500, 0.700 | 0.600 ± 0.100 | 0.200 |" in lines
+    assert "| nnUNetTrainer | 1 | 0.700 |" in lines  # per structure: over draws too
     assert not any(line.startswith("| nnUNetTrainerGEMINI | 1 | 0 |") for line in lines)  # not repeated: not listed
 
 
