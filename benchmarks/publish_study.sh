@@ -21,7 +21,10 @@ for log in sorted((src / "logs").glob("*.log")):
         shutil.copy(log, dest / "logs")
 for folder, own_logs in sorted(folders.items()):
     run_logs = [f for f in sorted((src / folder).glob("training_log_*.txt")) if own_logs is None or f.name in own_logs]
+    # while a pre-training's rerun goes on, progress.png is its in-progress plot and the finished
+    # attempt's waits beside it (gemini_benchmark puts it back when the rerun ends)
+    set_aside = src / folder / ".progress_replaced.png"
     for f in run_logs + sorted((src / folder).glob("progress*.png")):
         (dest / "runs" / folder).mkdir(parents=True, exist_ok=True)
-        shutil.copy(f, dest / "runs" / folder)
+        shutil.copy(set_aside if f.name == "progress.png" and set_aside.is_file() else f, dest / "runs" / folder / f.name)
 PY

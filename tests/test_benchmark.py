@@ -266,6 +266,7 @@ def test_publish_copies_the_logs_and_plots_of_finished_runs_only(tiny_study, tmp
     (src / "logs" / "train_nnUNetTrainerGEMINI_N3_draw0_1it.log").write_text("killed\n")
     retried = src / next(iter(folders))  # a finished run whose folder also holds a killed attempt's log
     (retried / "training_log_2000_1_1_00_00_00.txt").write_text("killed attempt\n")
+    (retried / ".progress_replaced.png").write_bytes(b"finished attempt")  # a rerun going on beside it
     killed = src / "nnUNet_results" / "Dataset999_Killed" / "nnUNetTrainerGEMINI__nnUNetPlans__3d_fullres" / "fold_0"
     killed.mkdir(parents=True)
     (killed / "training_log_2026_1_1_00_00_00.txt").write_text("killed\n")
@@ -278,6 +279,7 @@ def test_publish_copies_the_logs_and_plots_of_finished_runs_only(tiny_study, tmp
     expected = {str(p.relative_to(src)) for f, own in folders.items() for p in (src / f).iterdir()
                 if p.name in own or p.name.startswith("progress") and p.suffix == ".png"}
     assert published == expected and not any("Killed" in p or "2000_1_1" in p for p in published)
+    assert (tmp_path / "dest" / "runs" / retried.relative_to(src) / "progress.png").read_bytes() == b"finished attempt"
     # a run recorded before runs named their logs: all of its folder's logs are its own
     old_record = dict(results["runs"][0])
     del old_record["training_logs"]
