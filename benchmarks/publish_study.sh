@@ -13,7 +13,7 @@ mkdir -p "$dest/logs" "$dest/runs"
 cp "$src"/results.json "$src"/results.md "$src"/results.png "$dest/" 2>/dev/null || true
 python3 - "$src" "$dest" <<'PY'
 import json, pathlib, shutil, sys
-from nnunet_gemini.benchmark import finished_outputs
+from nnunet_gemini.benchmark import REPLACED_PLOT, finished_outputs
 src, dest = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 logs, folders = finished_outputs(json.loads((src / "results.json").read_text()))
 for log in sorted((src / "logs").glob("*.log")):
@@ -23,7 +23,7 @@ for folder, own_logs in sorted(folders.items()):
     run_logs = [f for f in sorted((src / folder).glob("training_log_*.txt")) if own_logs is None or f.name in own_logs]
     # while a pre-training's rerun goes on, progress.png is its in-progress plot and the finished
     # attempt's waits beside it (gemini_benchmark puts it back when the rerun ends)
-    set_aside = src / folder / ".progress_replaced.png"
+    set_aside = src / folder / REPLACED_PLOT
     for f in run_logs + sorted((src / folder).glob("progress*.png")):
         (dest / "runs" / folder).mkdir(parents=True, exist_ok=True)
         shutil.copy(set_aside if f.name == "progress.png" and set_aside.is_file() else f, dest / "runs" / folder / f.name)

@@ -129,6 +129,7 @@ CONFIGURATION = "3d_fullres"
 PLANS = "nnUNetPlans"
 RESULTS_JSON, RESULTS_MD, RESULTS_PNG = "results.json", "results.md", "results.png"
 ZERO_FIELD = "zero field (same pipeline)"  # registration record of a deformer whose field is 0
+REPLACED_PLOT = ".progress_replaced.png"  # a finished pre-training's plot, set aside while a rerun draws its own
 
 
 def budget_iterations(budget: dict) -> int:
@@ -537,7 +538,7 @@ class Benchmark:
             cmd += ["-o", str(checkpoint.parent)]
         stage = pretrain_stage(deformation, dataset_name, self.collection_mode, pretrain_flags)
         plot = checkpoint.parent / "progress.png"  # gemini_pretrain redraws it every epoch
-        replaced_plot = plot.with_name(".progress_replaced.png")
+        replaced_plot = plot.with_name(REPLACED_PLOT)
         if attempt and plot.is_file():
             plot.replace(replaced_plot)
         try:
