@@ -17,9 +17,9 @@
 #     --pretrain_encoder_decorrelation 10" ...   # every cell at 1250 supervised it from the best start (the CPU's next question)
 #   EXTRA="--methods nnUNetTrainerGEMINIFinetune nnUNetTrainerGEMINI --pretrain_decorrelation 10 \
 #     --pretrain_encoder_decorrelation 10 --pretrain_deformer_input images" ...  # the deformer sees the images
-#   N=1 EXTRA="--repeats 3 --methods nnUNetTrainer nnUNetTrainerGEMINI --pretrain_decorrelation 10 \
-#     --pretrain_encoder_decorrelation 10" ...  # 3 runs per N = 1 cell (one initialisation moves a cell by 0.02-0.04),
-#                                     the pre-trained arm from 3 pre-trainings (seeds 12345-12347)
+#   N="1 2" EXTRA="--repeats 3 --methods nnUNetTrainer nnUNetTrainerGEMINI --pretrain_decorrelation 10 \
+#     --pretrain_encoder_decorrelation 10" ...  # 3 runs per cell (two CPU runs of a cell differ by 0.029 at N = 1,
+#                                     0.011 at N = 2), the pre-trained arm from 3 pre-trainings (seeds 12345-12347)
 #   EXTRA="--methods nnUNetTrainerGEMINI --pretrain_length 40" ...  # 4000 pre-training it beside the study's (~6 min on an H200;
 #                                     it continues the study's 500 when that ran in this call: checkpoints do not come back)
 set -u
